@@ -1,0 +1,211 @@
+"""One settings object, read once from ``RTCBUS_*`` environment variables and CLI flags.
+
+Every other module receives a :class:`Settings` (or the part of it it needs) as an
+argument; none reads the environment itself. Secrets are ``SecretStr`` and are never
+printed: ``Settings.describe()`` is the only way to show a configuration, and it masks them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from consumer.errors import ConfigError
+
+# librdkafka properties a user may pass through (security, networking, tuning).
+# Anything else is rejected by name at start-up, so a typo fails loudly instead of
+# being silently ignored by the client. Kept as an explicit list because librdkafka
+# offers no way to ask which properties exist without constructing a client.
+PASSTHROUGH_KAFKA_KEYS = frozenset(
+    {
+        "client.id", "client.rack", "debug", "statistics.interval.ms",
+        "broker.address.family", "socket.timeout.ms", "socket.keepalive.enable",
+        "socket.connection.setup.timeout.ms", "connections.max.idle.ms",
+        "reconnect.backoff.ms", "reconnect.backoff.max.ms", "metadata.max.age.ms",
+        "topic.metadata.refresh.interval.ms", "request.timeout.ms", "retry.backoff.ms",
+        "retry.backoff.max.ms", "message.max.bytes", "receive.message.max.bytes",
+        "linger.ms", "batch.size", "batch.num.messages", "compression.type",
+        "queue.buffering.max.messages", "queue.buffering.max.kbytes",
+        "fetch.min.bytes", "fetch.wait.max.ms", "fetch.max.bytes",
+        "max.partition.fetch.bytes", "session.timeout.ms", "heartbeat.interval.ms",
+        "max.poll.interval.ms", "transaction.timeout.ms",
+        "security.protocol",
+        "ssl.cipher.suites", "ssl.curves.list", "ssl.sigalgs.list", "ssl.key.location",
+        "ssl.key.password", "ssl.key.pem", "ssl.certificate.location", "ssl.certificate.pem",
+        "ssl.ca.location", "ssl.ca.pem", "ssl.ca.certificate.stores", "ssl.crl.location",
+        "ssl.keystore.location", "ssl.keystore.password", "ssl.providers", "ssl.engine.id",
+        "enable.ssl.certificate.verification", "ssl.endpoint.identification.algorithm",
+        "sasl.mechanism", "sasl.mechanisms", "sasl.username", "sasl.password",
+        "sasl.kerberos.service.name", "sasl.kerberos.principal", "sasl.kerberos.kinit.cmd",
+        "sasl.kerberos.keytab", "sasl.kerberos.min.time.before.relogin",
+        "sasl.oauthbearer.config", "enable.sasl.oauthbearer.unsecure.jwt",
+        "sasl.oauthbearer.method", "sasl.oauthbearer.client.id",
+        "sasl.oauthbearer.client.secret", "sasl.oauthbearer.scope",
+        "sasl.oauthbearer.extensions", "sasl.oauthbearer.token.endpoint.url",
+    }
+)
+
+# Properties rtcbus sets itself because its guarantees depend on them.
+OWNED_KAFKA_KEYS = frozenset(
+    {
+        "bootstrap.servers", "acks", "enable.idempotence", "transactional.id",
+        "isolation.level", "group.id", "enable.auto.commit", "enable.auto.offset.store",
+        "auto.offset.reset", "partition.assignment.strategy", "max.in.flight.requests.per.connection",
+    }
+)
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything rtcbus can be told. Flags given to the CLI override the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="RTCBUS_", frozen=True, extra="forbid")
+
+    # -- Kafka ------------------------------------------------------------------------------
+    bootstrap_servers: str | None = Field(
+        None, description="Kafka bootstrap servers; unset means the embedded local Kafka."
+    )
+    kafka_config: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Extra librdkafka properties (security, tuning), as JSON in the environment.",
+    )
+    topic_prefix: str = "rtc"
+    partitions: int = Field(6, ge=1, description="Partitions of raw, domain, DLQ and dedupe topics.")
+    replication_factor: int | None = Field(
+        None, ge=1, description="Unset: 3 on a cluster of 3 or more brokers, else 1."
+    )
+    raw_retention_ms: int = 7 * 24 * 3600 * 1000
+    events_retention_ms: int = 7 * 24 * 3600 * 1000
+    dlq_retention_ms: int = 30 * 24 * 3600 * 1000
+
+    # -- the embedded local Kafka -------------------------------------------------------------
+    kafka_home: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("RTCBUS_KAFKA_HOME", "KAFKA_HOME", "kafka_home"),
+        description="An unpacked Apache Kafka distribution to use instead of downloading one.",
+    )
+    home: Path = Field(
+        Path.home() / ".rtcbus",
+        description="Where the local Kafka's jars, data and logs live.",
+    )
+    kafka_version: str = "4.1.1"
+    local_port: int = Field(9092, ge=1, le=65535, description="First port of the local Kafka.")
+    brokers: int = Field(1, ge=1, le=5, description="Brokers in the local Kafka cluster.")
+
+    # -- callbacks: signature -------------------------------------------------------------------
+    secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Active callback secrets, comma-separated (rotation)."
+    )
+    app_secrets: dict[str, Annotated[list[SecretStr], NoDecode]] = Field(
+        default_factory=dict, description="Per-AppId secrets, JSON: {\"app\": \"s1,s2\"}."
+    )
+    signature_skew_s: float | None = Field(
+        None, gt=0, description="Reject callbacks whose EventTime is further than this from now."
+    )
+
+    # -- shim -------------------------------------------------------------------------------------
+    shim_host: str = "127.0.0.1"
+    shim_port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    ack_timeout_s: float = Field(3.0, gt=0, lt=5, description="Answer 503 after this long.")
+
+    # -- router -------------------------------------------------------------------------------------
+    group_id: str = "rtcbus-router"
+    instance_id: str = Field("router-0", description="Stable per router instance (fences zombies).")
+    commit_interval_ms: int = Field(100, ge=1)
+    commit_max_records: int = Field(1000, ge=1)
+    dedupe_window_s: float = Field(15 * 60, gt=0)
+    metrics_port: int = Field(9108, ge=0, le=65535)
+
+    # -- contract -------------------------------------------------------------------------------------
+    routes: dict[str, str] = Field(
+        default_factory=dict, description="EventType -> domain overrides, JSON."
+    )
+    topics: dict[str, str] = Field(
+        default_factory=dict, description="domain -> topic name overrides, JSON."
+    )
+    wire_format: Literal["single-object", "confluent"] = "single-object"
+    schema_registry_url: str | None = None
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _secrets_from_commas(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("app_secrets", mode="before")
+    @classmethod
+    def _app_secrets_from_commas(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {app: _split_commas(secrets) for app, secrets in value.items()}
+        return value
+
+    @field_validator("kafka_config")
+    @classmethod
+    def _known_kafka_keys(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        owned = sorted(set(value) & OWNED_KAFKA_KEYS)
+        if owned:
+            raise ValueError(f"rtcbus sets these Kafka properties itself: {', '.join(owned)}")
+        unknown = sorted(set(value) - PASSTHROUGH_KAFKA_KEYS)
+        if unknown:
+            raise ValueError(f"unknown Kafka properties: {', '.join(unknown)}")
+        return value
+
+    @model_validator(mode="after")
+    def _registry_for_confluent_format(self) -> Settings:
+        if self.wire_format == "confluent" and not self.schema_registry_url:
+            raise ValueError("wire_format 'confluent' needs schema_registry_url")
+        return self
+
+    # -- derived names ---------------------------------------------------------------------------------
+    @property
+    def raw_topic(self) -> str:
+        return f"{self.topic_prefix}.callbacks.raw"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.callbacks.dlq"
+
+    @property
+    def dedupe_topic(self) -> str:
+        return f"{self.topic_prefix}.router.dedupe"
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """The pass-through librdkafka properties, secrets revealed: for client construction only."""
+        return {key: value.get_secret_value() for key, value in self.kafka_config.items()}
+
+    def describe(self) -> dict[str, object]:
+        """The settings as a printable dict, every secret masked."""
+        return self.model_dump(mode="json")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings once, flags (``overrides``, None meaning 'not given') over environment.
+
+    Raises:
+        ConfigError: naming every setting that is wrong.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(_describe_validation_error(exc)) from None
+
+
+def _describe_validation_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    # Only the location and pydantic's message: the input may be a secret, so it is left out.
+    lines = [
+        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+        for error in errors(include_input=False, include_url=False)
+    ]
+    return "invalid settings: " + "; ".join(lines)
