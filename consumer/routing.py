@@ -1,0 +1,147 @@
+"""EventType → domain → topic, as data.
+
+The default table is ARCHITECTURE.md's; settings may move EventTypes to other domains
+(``routes``) or rename a domain's topic (``topics``). An EventType nobody knows yet is
+routed to the ``unknown`` domain, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from consumer.errors import ConfigError
+
+UNKNOWN_DOMAIN = "unknown"
+
+DEFAULT_DOMAINS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "stream": (
+            "UserAudioStreamStart", "UserAudioStreamStop",
+            "UserVideoStreamStart", "UserVideoStreamStop",
+            "UserScreenAudioStreamStart", "UserScreenAudioStreamStop",
+            "UserScreenVideoStreamStart", "UserScreenVideoStreamStop",
+        ),
+        "recording": (
+            "RecordStarted", "RecordStopped",
+            "RecordUploadStarted", "RecordUploadProcessing", "RecordUploadDone",
+            "RecordUploadBackuped",
+            "RecordAudioStreamStateChanged", "RecordVideoStreamStateChanged",
+            "RecordSyncUploadStarted", "RecordSyncUploadFailed",
+        ),
+        "room": (
+            "UserJoinRoom", "UserLeaveRoom", "InvisibleUserJoinRoom", "InvisibleUserLeaveRoom",
+            "RoleChangeInvisible2Visible", "RoleChangeVisible2Invisible",
+            "RoomCreate", "RoomDestroy",
+        ),
+        "segment": ("SegmentRealTimeData",),
+        "snapshot": ("SnapshotRealTimeData",),
+        "relay": ("RelayStreamStateChanged",),
+        "webcast": ("Webcast",),
+        "transcode": (
+            "TranscodeStarted", "TranscodeStopped", "TranscodeUpdated", "TranscodeStateChanged",
+        ),
+        "publicstream": ("PushPublicStream",),
+        "music": ("MusicRemoved",),
+        "whiteboard": ("WbTranscodeProgressChanged", "WbTranscodeFinished"),
+    }
+)
+
+# Fields tried in order for the record key; the envelope's AppId and EventId come last.
+KEY_FIELDS = ("RoomId", "PublicStreamId", "TaskId")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one EventType goes."""
+
+    event_type: str
+    domain: str
+    topic: str
+
+
+class RoutingTable:
+    """Maps an EventType to its domain and topic; built once at start-up."""
+
+    def __init__(
+        self,
+        topic_prefix: str = "rtc",
+        routes: Mapping[str, str] | None = None,
+        topics: Mapping[str, str] | None = None,
+    ) -> None:
+        """
+        Args:
+            topic_prefix: prefix of the default topic names, ``<prefix>.events.<domain>``.
+            routes: EventType → domain overrides; a new domain name creates that domain.
+            topics: domain → topic name overrides.
+
+        Raises:
+            ConfigError: an override names an EventType or a domain that does not exist.
+        """
+        domain_of = {
+            event_type: domain
+            for domain, event_types in DEFAULT_DOMAINS.items()
+            for event_type in event_types
+        }
+        unknown_types = sorted(set(routes or {}) - set(domain_of))
+        if unknown_types:
+            raise ConfigError(f"routes: unknown EventType(s): {', '.join(unknown_types)}")
+        domain_of.update(routes or {})
+
+        domains = sorted(set(domain_of.values()) | {UNKNOWN_DOMAIN})
+        unknown_domains = sorted(set(topics or {}) - set(domains))
+        if unknown_domains:
+            raise ConfigError(f"topics: unknown domain(s): {', '.join(unknown_domains)}")
+        topic_of = {domain: f"{topic_prefix}.events.{domain}" for domain in domains}
+        topic_of.update(topics or {})
+
+        self._routes = {
+            event_type: Route(event_type, domain, topic_of[domain])
+            for event_type, domain in domain_of.items()
+        }
+        self._unknown = Route("*", UNKNOWN_DOMAIN, topic_of[UNKNOWN_DOMAIN])
+        self._topic_of = MappingProxyType(topic_of)
+
+    @classmethod
+    def from_settings(cls, settings: object) -> RoutingTable:
+        """Build the table from a :class:`consumer.settings.Settings`."""
+        return cls(
+            topic_prefix=settings.topic_prefix,  # type: ignore[attr-defined]
+            routes=settings.routes,  # type: ignore[attr-defined]
+            topics=settings.topics,  # type: ignore[attr-defined]
+        )
+
+    def route(self, event_type: str) -> Route:
+        """The route of ``event_type``; unknown EventTypes go to the ``unknown`` domain."""
+        return self._routes.get(event_type, self._unknown)
+
+    def is_known(self, event_type: str) -> bool:
+        return event_type in self._routes
+
+    @property
+    def event_types(self) -> list[str]:
+        """Every known EventType, in the order of the default table."""
+        return list(self._routes)
+
+    @property
+    def domains(self) -> Mapping[str, str]:
+        """domain → topic, ``unknown`` included."""
+        return self._topic_of
+
+    def topics(self) -> list[str]:
+        """Every distinct output topic (domains and ``unknown``), sorted."""
+        return sorted(set(self._topic_of.values()))
+
+
+def partition_key(event_data: Mapping[str, object], app_id: str, event_id: str) -> str:
+    """The record key: RoomId, else PublicStreamId, else TaskId, else AppId, else EventId.
+
+    Duplicates of one event share it, so they land in one partition, which is what makes
+    per-partition dedupe correct; all events of a room share it, which keeps their order.
+    """
+    for field in KEY_FIELDS:
+        value = event_data.get(field)
+        if value not in (None, ""):
+            return str(value)
+    return app_id or event_id
