@@ -1,0 +1,388 @@
+"""The router: raw callbacks in, typed Avro records out, exactly once.
+
+One loop, read top to bottom: consume a batch from the raw topic → parse the envelope →
+drop duplicates → validate into the typed model → route → encode → produce to the domain
+topic, all inside one Kafka transaction that also carries the consumed offsets and the
+dedupe markers. The transaction commits every ``commit_max_records`` records or
+``commit_interval_ms``, whichever comes first.
+
+Failure handling follows librdkafka's transactional contract:
+
+- bad input (a record that can never be processed) goes to the DLQ inside the same
+  transaction, with its bytes and the reason, and the partition keeps flowing;
+- an abortable transaction error aborts, rewinds every owned partition to the last
+  committed offsets and forgets the aborted EventIds, so the work is redone;
+- a retriable error is retried; a fatal one (e.g. fenced by a newer instance with the same
+  ``transactional.id``) stops the process loudly.
+
+Offsets sent to the transaction are the ones this loop has *processed*, never the
+consumer's position: a batch handed over by ``consume()`` may hold records fetched before
+a rebalance callback ran, and committing past them would lose them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from consumer.codec import Codec, codec_from_settings
+from consumer.dedupe import DedupeWindow
+from consumer.envelope import parse_envelope
+from consumer.errors import CallbackError, ValidationError
+from consumer.events import EventModels, Source, models
+from consumer.kafka.config import consumer_config, producer_config
+from consumer.routing import RoutingTable
+from consumer.schemas import contract
+
+log = logging.getLogger(__name__)
+
+_TXN_TIMEOUT_S = 30.0
+_RESTORE_TIMEOUT_S = 60.0
+
+
+class RouterMetrics:
+    """The router's Prometheus metrics, on a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.records_in = Counter(
+            "rtcbus_router_records_in", "Raw records consumed", ["event_type"], registry=registry
+        )
+        self.records_out = Counter(
+            "rtcbus_router_records_out",
+            "Domain records produced",
+            ["event_type", "domain"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "rtcbus_router_duplicates_dropped", "Callbacks dropped as duplicates", registry=registry
+        )
+        self.dead_letters = Counter(
+            "rtcbus_router_dead_letters", "Records sent to the DLQ", ["error"], registry=registry
+        )
+        self.commits = Counter(
+            "rtcbus_router_transactions_committed", "Transactions committed", registry=registry
+        )
+        self.aborts = Counter(
+            "rtcbus_router_transactions_aborted", "Transactions aborted", registry=registry
+        )
+        self.lag = Gauge(
+            "rtcbus_router_consumer_lag", "Records behind the raw topic's end", ["partition"],
+            registry=registry,
+        )
+
+
+class Router:
+    """A consumer-group member that turns raw callbacks into domain records.
+
+    Args:
+        settings: the one :class:`consumer.settings.Settings`.
+        registry: where the metrics go (a fresh one if not given).
+    """
+
+    def __init__(self, settings: Any, registry: CollectorRegistry | None = None) -> None:
+        self._settings = settings
+        self._raw_topic = settings.raw_topic
+        self._dlq_topic = settings.dlq_topic
+        self._dedupe_topic = settings.dedupe_topic
+        self._routing = RoutingTable.from_settings(settings)
+        self._models: EventModels = models()
+        self._codec: Codec = codec_from_settings(settings, contract())
+        self._dedupe = DedupeWindow(int(settings.dedupe_window_s * 1000))
+        self.registry = registry or CollectorRegistry()
+        self.metrics = RouterMetrics(self.registry)
+
+        self._consumer = Consumer(consumer_config(settings, settings.group_id))
+        self._producer = Producer(
+            producer_config(
+                settings, transactional_id=f"{settings.group_id}-{settings.instance_id}"
+            )
+        )
+        self._restorer = Consumer(
+            consumer_config(settings, f"{settings.group_id}-restore", **{"enable.partition.eof": True})
+        )
+
+        self._owned: set[int] = set()
+        self._committed: dict[int, int] = {}  # partition -> next offset, as last committed
+        self._processed: dict[int, int] = {}  # partition -> next offset, as processed
+        self._in_transaction = False
+        self._transaction_started = 0.0
+        self._transaction_records = 0
+        self._rewound = 0  # bumped whenever an abort rewinds partitions mid-consume()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
+        """Route until ``stop`` is set; then commit what is open and leave the group.
+
+        Raises:
+            KafkaException: a fatal Kafka error (fenced, unauthorised, broker gone for
+                longer than the transaction timeout). The open transaction is not committed.
+        """
+        settings = self._settings
+        interval_s = settings.commit_interval_ms / 1000
+        batch_size = min(settings.commit_max_records, 1000)
+        self._producer.init_transactions(_TXN_TIMEOUT_S)
+        self._consumer.subscribe(
+            [self._raw_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        if on_ready:
+            on_ready()
+        try:
+            while not stop.is_set():
+                rewound = self._rewound
+                messages = self._consumer.consume(batch_size, timeout=min(interval_s, 0.1))
+                if self._rewound != rewound:
+                    # An abort inside consume() rewound the partitions; what this batch
+                    # holds may predate the rewind, so it is fetched again.
+                    self._seek_to(self._processed)
+                    continue
+                for message in messages:
+                    self._route(message)
+                if self._in_transaction and (
+                    self._transaction_records >= settings.commit_max_records
+                    or time.monotonic() - self._transaction_started >= interval_s
+                ):
+                    self._commit()
+            if self._in_transaction:
+                self._commit()
+        finally:
+            self._consumer.close()
+            self._restorer.close()
+            self._producer.flush(10)
+
+    def _route(self, message: Message) -> None:
+        """One raw record → one domain record (or a DLQ record, or nothing if a duplicate)."""
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                return
+            raise KafkaException(error)
+        partition, offset = message.partition(), message.offset()
+        if partition not in self._owned or offset < self._processed.get(partition, 0):
+            return  # fetched before this partition was revoked, or before a rewind
+        if not self._in_transaction:
+            self._begin()
+        self._transaction_records += 1
+        self._processed[partition] = offset + 1
+
+        try:
+            if message.value() is None:
+                raise ValidationError("raw record has no value")
+            envelope = parse_envelope(message.value())
+            self.metrics.records_in.labels(envelope.event_type).inc()
+            if self._dedupe.seen(partition, envelope.event_id):
+                self.metrics.duplicates.inc()
+                return
+            source = Source(message.topic(), partition, offset)
+            schema_name, record = self._models.to_record(envelope, source)
+            route = self._routing.route(envelope.event_type)
+            value = self._codec.encode(schema_name, record, route.topic)
+        except CallbackError as exc:
+            self._dead_letter(message, exc.at(message.topic(), partition, offset))
+            return
+
+        timestamp = message.timestamp()[1]
+        self._produce(
+            route.topic,
+            value,
+            key=message.key(),
+            headers=[
+                ("rtcbus.event_type", envelope.event_type.encode()),
+                ("rtcbus.event_id", envelope.event_id.encode()),
+                ("rtcbus.schema", self._codec.schema_id(schema_name, route.topic).encode()),
+            ],
+        )
+        # The marker shares the raw record's partition number and timestamp, so the window
+        # can be rebuilt per partition, on the raw topic's clock.
+        self._produce(
+            self._dedupe_topic,
+            b"",
+            key=envelope.event_id.encode(),
+            partition=partition,
+            timestamp=timestamp,
+        )
+        self._dedupe.add(partition, envelope.event_id, timestamp)
+        self.metrics.records_out.labels(envelope.event_type, route.domain).inc()
+
+    def _dead_letter(self, message: Message, error: CallbackError) -> None:
+        log.warning("dead-lettering %s", error)
+        headers = list(message.headers() or [])
+        headers += [
+            ("rtcbus.error.class", type(error).__name__.encode()),
+            ("rtcbus.error.message", str(error).encode()),
+            ("rtcbus.error.field", (error.field or "").encode()),
+            ("rtcbus.source.topic", message.topic().encode()),
+            ("rtcbus.source.partition", str(message.partition()).encode()),
+            ("rtcbus.source.offset", str(message.offset()).encode()),
+        ]
+        self._produce(self._dlq_topic, message.value(), key=message.key(), headers=headers)
+        self.metrics.dead_letters.labels(type(error).__name__).inc()
+
+    def _produce(self, topic: str, value: bytes | None, **kwargs: Any) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value, **kwargs)
+                return
+            except BufferError:
+                # The local queue is full: let deliveries drain it, then try again.
+                self._producer.poll(0.05)
+
+    # -- transactions -----------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._producer.begin_transaction()
+        self._in_transaction = True
+        self._transaction_started = time.monotonic()
+        self._transaction_records = 0
+
+    def _commit(self) -> None:
+        """Commit the open transaction with the processed offsets; abort and rewind if
+        librdkafka says the transaction must be aborted."""
+        offsets = [
+            TopicPartition(self._raw_topic, partition, offset)
+            for partition, offset in self._processed.items()
+            if partition in self._owned and offset >= 0
+        ]
+        try:
+            self._retrying(
+                lambda: self._producer.send_offsets_to_transaction(
+                    offsets, self._consumer.consumer_group_metadata(), _TXN_TIMEOUT_S
+                )
+            )
+            self._retrying(lambda: self._producer.commit_transaction(_TXN_TIMEOUT_S))
+        except KafkaException as exc:
+            if exc.args[0].txn_requires_abort():
+                log.warning("transaction must be aborted: %s", exc.args[0].str())
+                self._abort()
+                return
+            raise
+        self._in_transaction = False
+        self._dedupe.commit()
+        self._committed.update({tp.partition: tp.offset for tp in offsets})
+        self.metrics.commits.inc()
+        self._record_lag()
+
+    def _abort(self) -> None:
+        """Abort the open transaction and redo its work: rewind every owned partition to
+        its last committed offset and forget the EventIds the transaction added."""
+        self._retrying(lambda: self._producer.abort_transaction(_TXN_TIMEOUT_S))
+        self._in_transaction = False
+        self._dedupe.abort()
+        self.metrics.aborts.inc()
+        self._processed = {p: self._committed[p] for p in self._owned if p in self._committed}
+        self._seek_to(self._processed)
+        self._rewound += 1
+
+    @staticmethod
+    def _retrying(call: Callable[[], None], attempts: int = 5) -> None:
+        for attempt in range(attempts):
+            try:
+                call()
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or attempt == attempts - 1:
+                    raise
+                log.warning("retrying after %s", exc.args[0].str())
+
+    def _seek_to(self, offsets: dict[int, int]) -> None:
+        for partition in self._owned:
+            offset = offsets.get(partition, OFFSET_BEGINNING)
+            self._consumer.seek(TopicPartition(self._raw_topic, partition, offset))
+
+    # -- rebalances -----------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in partitions]
+        committed = consumer.committed(partitions, timeout=_TXN_TIMEOUT_S)
+        for tp in committed:
+            if tp.offset >= 0:
+                self._committed[tp.partition] = tp.offset
+                self._processed[tp.partition] = tp.offset
+            else:
+                self._committed.pop(tp.partition, None)
+                self._processed.pop(tp.partition, None)
+        for partition in numbers:
+            self._dedupe.restore(partition, self._read_markers(partition))
+        self._owned.update(numbers)
+        log.info("assigned partitions %s", sorted(numbers))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Cooperative rebalancing: commit what was done so the next owner starts after it.
+        if self._in_transaction:
+            self._commit()
+        self._forget(partitions)
+        log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The partitions already belong to someone else: our open work must not commit.
+        lost = {tp.partition for tp in partitions}
+        self._owned -= lost
+        if self._in_transaction:
+            self._abort()
+        self._forget(partitions)
+        log.warning("lost partitions %s", sorted(lost))
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        numbers = {tp.partition for tp in partitions}
+        self._owned -= numbers
+        self._dedupe.drop(numbers)
+        for partition in numbers:
+            self._committed.pop(partition, None)
+            self._processed.pop(partition, None)
+            with contextlib.suppress(KeyError):  # no lag was recorded for it yet
+                self.metrics.lag.remove(str(partition))
+
+    def _read_markers(self, partition: int) -> list[tuple[str, int]]:
+        """The committed dedupe markers of ``partition`` from the last window, oldest first."""
+        since_ms = int(time.time() * 1000 - self._settings.dedupe_window_s * 1000)
+        start = self._restorer.offsets_for_times(
+            [TopicPartition(self._dedupe_topic, partition, since_ms)], timeout=_TXN_TIMEOUT_S
+        )[0]
+        if start.offset < 0:
+            return []  # no marker that recent
+        self._restorer.assign([start])
+        markers: list[tuple[str, int]] = []
+        deadline = time.monotonic() + _RESTORE_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                for message in self._restorer.consume(500, timeout=0.5):
+                    error = message.error()
+                    if error is None:
+                        markers.append((message.key().decode(), message.timestamp()[1]))
+                    elif error.code() == KafkaError._PARTITION_EOF:
+                        return markers  # read_committed: the end is the last stable offset
+                    else:
+                        raise KafkaException(error)
+        finally:
+            self._restorer.unassign()
+        raise KafkaException(
+            KafkaError(KafkaError._TIMED_OUT, f"dedupe restore of partition {partition} timed out")
+        )
+
+    def _record_lag(self) -> None:
+        for partition in self._owned:
+            _, high = self._consumer.get_watermark_offsets(
+                TopicPartition(self._raw_topic, partition), cached=True
+            )
+            position = self._processed.get(partition)
+            if high >= 0 and position is not None:
+                self.metrics.lag.labels(str(partition)).set(max(high - position, 0))
+
