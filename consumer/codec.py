@@ -107,16 +107,19 @@ class ConfluentCodec:
         )
         from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
-        self._client = SchemaRegistryClient({"url": registry_url, **(registry_config or {})})
+        # new_client() also understands ``mock://``, confluent-kafka's in-memory registry.
+        self.registry = SchemaRegistryClient.new_client(
+            {"url": registry_url, **(registry_config or {})}
+        )
         conf = {
             "auto.register.schemas": True,
             "subject.name.strategy": topic_record_subject_name_strategy,
         }
         self._serializers = {
-            name: AvroSerializer(self._client, schema.schema_json, conf=conf)
+            name: AvroSerializer(self.registry, schema.schema_json, conf=conf)
             for name, schema in schemas.items()
         }
-        self._deserializer = AvroDeserializer(self._client)
+        self._deserializer = AvroDeserializer(self.registry)
         self._schema_ids: dict[tuple[str, str], str] = {}
 
     def encode(self, name: str, record: Mapping[str, Any], topic: str) -> bytes:

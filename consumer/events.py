@@ -81,6 +81,10 @@ class EventModels:
     def __len__(self) -> int:
         return len(self._models)
 
+    def record_model(self, name: str) -> type[BaseModel]:
+        """The model of a named record type of the contract, e.g. ``RecordFile``."""
+        return self._records[name]
+
     # -- from a callback to an Avro-ready record -------------------------------------------------
 
     def validate(self, envelope: Envelope, source: Source | None = None) -> BaseModel:
