@@ -3,7 +3,6 @@ through readers that are not the project's codec."""
 
 import io
 import json
-import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from consumer.errors import EncodingError
 from consumer.events import Source, models
 from consumer.examples import load_examples
 from consumer.schemas import contract
+from support import assert_carries
 
 AVRO_DIR = Path(__file__).parents[1] / "avro"
 SECRET = "contract-secret"
@@ -72,29 +72,6 @@ def test_crc64_avro_matches_the_spec_vector():
 
 
 # -- comparing what was sent with what came back -----------------------------------------------
-
-
-def _normal(value):
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
-        return int(value)
-    return value
-
-
-def assert_carries(decoded, sent, path, extras):
-    """``decoded`` holds every value of ``sent``; fields the schema lacks are in ``extras``."""
-    if isinstance(sent, dict):
-        assert isinstance(decoded, dict), path
-        for key, value in sent.items():
-            if key in decoded:
-                assert_carries(decoded[key], value, f"{path}.{key}", extras)
-            else:
-                assert json.loads(extras[f"{path}.{key}"]) == value, f"{path}.{key} kept as extra"
-    elif isinstance(sent, list):
-        assert len(decoded) == len(sent), path
-        for index, (d, s) in enumerate(zip(decoded, sent)):
-            assert_carries(d, s, f"{path}[{index}]", extras)
-    else:
-        assert _normal(decoded) == _normal(sent), path
 
 
 def test_there_are_45_examples_of_38_event_types():

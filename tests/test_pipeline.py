@@ -1,0 +1,197 @@
+"""The product's promises, end to end on a real broker: shim → raw → router → domain topics."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from consumer.examples import load_examples
+from consumer.routing import RoutingTable, partition_key
+from support import Stack, assert_carries, callback, decode_single_object, read_topic, wait_for
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+def stack(kafka, tmp_path):
+    stack = Stack(kafka.bootstrap_servers, tmp_path)
+    yield stack
+    stack.stop_all()
+
+
+def domain_records(stack: Stack) -> list[tuple[str, object, dict]]:
+    """(topic, message, decoded record) of every committed record on every domain topic."""
+    table = RoutingTable(topic_prefix=stack.prefix)
+    return [
+        (topic, message, decode_single_object(message.value()))
+        for topic in table.topics()
+        for message in read_topic(stack.bootstrap, topic)
+    ]
+
+
+def join_room(room: str, user: str, timestamp: int = 1611736812853) -> dict:
+    return {"RoomId": room, "UserId": user, "DeviceType": "web", "Timestamp": timestamp}
+
+
+def test_every_example_gives_exactly_one_record_on_its_domain_topic(stack):
+    stack.start_shim()
+    stack.start_router()
+    sent = {}
+    for example in load_examples():
+        event_id = uuid.uuid4().hex
+        body = callback(
+            example.event_type, example.event_data, stack.secret,
+            event_id=event_id, version=example.version,
+        )
+        assert stack.post(body) == 200
+        sent[event_id] = example
+    stack.wait_caught_up()
+
+    table = RoutingTable(topic_prefix=stack.prefix)
+    records = domain_records(stack)
+    assert sorted(r["EventId"] for _, _, r in records) == sorted(sent)
+    for topic, message, record in records:
+        example = sent[record["EventId"]]
+        assert topic == table.route(example.event_type).topic
+        assert message.key().decode() == partition_key(example.event_data, "app-test", record["EventId"])
+        assert record["EventType"] == example.event_type
+        assert record["Source"]["Topic"] == stack.raw_topic
+        assert_carries(record["EventData"], example.event_data, "EventData", record["ExtraFields"])
+
+
+def test_a_callback_sent_three_times_and_again_after_a_restart_gives_one_record(stack):
+    stack.start_shim()
+    router = stack.start_router()
+    body = callback("UserJoinRoom", join_room("room-dup", "u1"), stack.secret, event_id="dup-1")
+    with ThreadPoolExecutor(2) as pool:
+        statuses = list(pool.map(lambda _: stack.post(body), range(2)))
+    statuses.append(stack.post(body))
+    assert statuses == [200, 200, 200]
+    stack.wait_caught_up()
+
+    router.stop()
+    stack.start_router()
+    assert stack.post(body) == 200
+    after = callback("UserJoinRoom", join_room("room-dup", "u2"), stack.secret, event_id="after-1")
+    assert stack.post(after) == 200
+    stack.wait_caught_up()
+
+    ids = Counter(record["EventId"] for _, _, record in domain_records(stack))
+    assert ids == Counter({"dup-1": 1, "after-1": 1})
+
+
+def test_unknown_event_type_and_broken_event_data_are_not_lost(stack):
+    stack.start_shim()
+    stack.start_router()
+    assert stack.post(callback("VendorNewThing", {"RoomId": "r9", "Fresh": 1}, stack.secret, event_id="new-1")) == 200
+    assert stack.post(callback("UserJoinRoom", "{broken json", stack.secret, event_id="broken-1")) == 200
+    assert stack.post(callback("UserJoinRoom", {"UserId": "no-room"}, stack.secret, event_id="missing-1")) == 200
+    good = [f"good-{n}" for n in range(12)]
+    for n, event_id in enumerate(good):
+        assert stack.post(callback("UserJoinRoom", join_room(f"room-{n}", "u"), stack.secret, event_id=event_id)) == 200
+    stack.wait_caught_up()
+
+    unknown = [decode_single_object(m.value()) for m in read_topic(stack.bootstrap, stack.topic("unknown"))]
+    assert [r["EventId"] for r in unknown] == ["new-1"]
+    assert unknown[0]["EventType"] == "VendorNewThing"
+
+    dead = {dict(m.headers())["rtcbus.event_id"].decode(): m for m in read_topic(stack.bootstrap, stack.dlq_topic)}
+    assert set(dead) == {"broken-1", "missing-1"}
+    broken_headers = dict(dead["broken-1"].headers())
+    assert broken_headers["rtcbus.error.class"] == b"ValidationError"
+    assert b"not valid JSON" in broken_headers["rtcbus.error.message"]
+    assert broken_headers["rtcbus.source.topic"] == stack.raw_topic.encode()
+    assert int(broken_headers["rtcbus.source.offset"]) >= 0
+    assert b'"EventData": "{broken json"' in dead["broken-1"].value()  # the original bytes
+    assert dict(dead["missing-1"].headers())["rtcbus.error.field"] == b"EventData.RoomId"
+
+    room = [decode_single_object(m.value())["EventId"] for m in read_topic(stack.bootstrap, stack.topic("room"))]
+    assert sorted(room) == sorted(good)
+
+
+class Sender:
+    """Posts ``per_room`` callbacks for each of ``rooms`` rooms, each room in order, retrying
+    like the vendor (3 attempts); remembers what was answered 200."""
+
+    def __init__(self, stack: Stack, rooms: int, per_room: int) -> None:
+        self.stack, self.rooms, self.per_room = stack, rooms, per_room
+        self.accepted: dict[str, list[str]] = defaultdict(list)
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        with ThreadPoolExecutor(self.rooms) as pool:
+            list(pool.map(self._room, range(self.rooms)))
+
+    def _room(self, room_number: int) -> None:
+        room = f"room-{room_number}"
+        with httpx.Client(timeout=10) as client:
+            for sequence in range(self.per_room):
+                event_id = f"{room}-{sequence}"
+                body = callback(
+                    "UserAudioStreamStart", join_room(room, "u", sequence), self.stack.secret,
+                    event_id=event_id,
+                )
+                for _ in range(3):
+                    try:
+                        if self.stack.post(body, client) == 200:
+                            self.accepted[room].append(event_id)
+                            break
+                    except httpx.HTTPError:
+                        continue
+
+    def start(self) -> Sender:
+        self.thread.start()
+        return self
+
+    def join(self) -> None:
+        self.thread.join(300)
+        assert not self.thread.is_alive()
+
+
+def assert_exactly_once_in_order(stack: Stack, sender: Sender) -> None:
+    records = [decode_single_object(m.value()) for m in read_topic(stack.bootstrap, stack.topic("stream"))]
+    counts = Counter(r["EventId"] for r in records)
+    accepted = [event_id for ids in sender.accepted.values() for event_id in ids]
+    assert len(accepted) > 0
+    lost = [event_id for event_id in accepted if counts[event_id] == 0]
+    duplicated = [event_id for event_id, n in counts.items() if n > 1]
+    assert (lost, duplicated) == ([], [])
+    by_room = defaultdict(list)
+    for record in records:
+        by_room[record["EventData"]["RoomId"]].append(record["EventData"]["Timestamp"])
+    for room, sequence in by_room.items():
+        assert sequence == sorted(sequence), f"{room} out of order"
+
+
+def test_router_killed_twice_mid_stream_loses_and_duplicates_nothing(stack):
+    stack.start_shim()
+    router = stack.start_router()
+    sender = Sender(stack, rooms=20, per_room=150).start()
+    for kill in (1, 2):
+        wait_for(lambda: stack.committed_total() >= kill * 600, 120, f"{kill * 600} routed records")
+        router.kill()
+        router = stack.start_router()
+    sender.join()
+    stack.wait_caught_up(timeout_s=180)
+    router.assert_running()
+    assert_exactly_once_in_order(stack, sender)
+
+
+def test_a_second_router_joining_and_leaving_mid_stream_loses_and_duplicates_nothing(stack):
+    stack.start_shim()
+    first = stack.start_router("0")
+    sender = Sender(stack, rooms=12, per_room=150).start()
+    wait_for(lambda: stack.committed_total() >= 300, 120, "the first router to route")
+    second = stack.start_router("1")
+    wait_for(lambda: "assigned partitions" in second.log(), 120, "the second router to get partitions")
+    wait_for(lambda: stack.committed_total() >= 1000, 120, "both routers to route")
+    assert second.stop() == 0
+    sender.join()
+    stack.wait_caught_up(timeout_s=180)
+    first.assert_running()
+    assert_exactly_once_in_order(stack, sender)
