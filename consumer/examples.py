@@ -85,8 +85,11 @@ def from_markdown(text: str, repairs: Sequence[Repair] = REPAIRS) -> list[Exampl
             continue
         body = text[heading.end() : following.start() if following else len(text)]
         section = heading.group(1).strip()
-        event_type = _EVENT_TYPE.search(body).group(1)
-        name, version = _HEADING.fullmatch(section).groups()
+        event_type_match, heading_match = _EVENT_TYPE.search(body), _HEADING.fullmatch(section)
+        if not event_type_match or not heading_match:
+            raise ValueError(f"section {section!r} names no EventType")
+        event_type = event_type_match.group(1)
+        name, version = heading_match.groups()
         if name != event_type:
             raise ValueError(f"section {section!r} documents EventType {event_type!r}")
         blocks = _JSON_BLOCK.findall(body)
