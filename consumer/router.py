@@ -106,14 +106,27 @@ class Router:
         self.registry = registry or CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
 
-        self._consumer = Consumer(consumer_config(settings, settings.group_id))
+        # A killed router's partitions move after session.timeout.ms: 10 s rather than the
+        # client's 45 s default, unless the user's pass-through settings say otherwise.
+        self._consumer = Consumer(
+            {"session.timeout.ms": "10000", **consumer_config(settings, settings.group_id)}
+        )
+        # One transactional.id per instance: a restarted instance fences its previous
+        # incarnation and aborts what it left open; other instances are fenced by the group
+        # generation sent with the offsets (KIP-447), so ids need not follow partitions.
         self._producer = Producer(
-            producer_config(
-                settings, transactional_id=f"{settings.group_id}-{settings.instance_id}"
-            )
+            {
+                "transaction.timeout.ms": "30000",
+                **producer_config(
+                    settings, transactional_id=f"{settings.group_id}-{settings.instance_id}"
+                ),
+            }
         )
         self._restorer = Consumer(
-            consumer_config(settings, f"{settings.group_id}-restore", **{"enable.partition.eof": True})
+            {
+                **consumer_config(settings, f"{settings.group_id}-restore"),
+                "enable.partition.eof": "true",
+            }
         )
 
         self._owned: set[int] = set()
@@ -123,6 +136,10 @@ class Router:
         self._transaction_started = 0.0
         self._transaction_records = 0
         self._rewound = 0  # bumped whenever an abort rewinds partitions mid-consume()
+
+    @property
+    def output_topics(self) -> list[str]:
+        return self._routing.topics()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -386,3 +403,27 @@ class Router:
             if high >= 0 and position is not None:
                 self.metrics.lag.labels(str(partition)).set(max(high - position, 0))
 
+
+
+def run_router(settings: Any) -> None:
+    """``rtcbus router``: route until SIGTERM or SIGINT, serving metrics on ``metrics_port``.
+
+    Raises:
+        KafkaException: a fatal Kafka error; the process should exit non-zero.
+    """
+    import signal
+
+    from prometheus_client import start_http_server
+
+    router = Router(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=router.registry)
+    log.info(
+        "router %s in group %s: %s -> %s", settings.instance_id, settings.group_id,
+        settings.raw_topic, ", ".join(router.output_topics),
+    )
+    router.run(stop)
+    log.info("router stopped")

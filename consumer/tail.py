@@ -51,9 +51,7 @@ def read_records(
         KafkaException: a Kafka error other than reaching a partition's end.
     """
     codec = codec_from_settings(settings, contract())
-    consumer = Consumer(
-        consumer_config(settings, f"rtcbus-tail-{uuid.uuid4().hex[:12]}", **{"enable.auto.commit": False})
-    )
+    consumer = Consumer(consumer_config(settings, f"rtcbus-tail-{uuid.uuid4().hex[:12]}"))
     consumer.subscribe(topics)
     last_record = time.monotonic()
     try:

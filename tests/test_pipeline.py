@@ -35,7 +35,7 @@ def domain_records(stack: Stack) -> list[tuple[str, object, dict]]:
 
 
 def join_room(room: str, user: str, timestamp: int = 1611736812853) -> dict:
-    return {"RoomId": room, "UserId": user, "DeviceType": "web", "Timestamp": timestamp}
+    return {"RoomId": room, "UserId": user, "DeviceType": "web", "Timestamp": timestamp, "ExtraInfo": ""}
 
 
 def test_every_example_gives_exactly_one_record_on_its_domain_topic(stack):
