@@ -1,0 +1,279 @@
+"""The ``rtcbus`` command: wires the settings to the parts, and has no logic of its own.
+
+Options that every command shares come before the command
+(``rtcbus --bootstrap-servers host:9092 topics create``); each is also an ``RTCBUS_*``
+environment variable, and a flag overrides the environment. An error rtcbus raises on
+purpose is one line on stderr and exit status 1, never a traceback.
+
+To add a command: write its function (it takes ``ctx`` and calls :func:`_settings`), then
+name it in the command tree at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from confluent_kafka import KafkaException
+
+from consumer.errors import RtcbusError
+from consumer.kafka import admin
+from consumer.kafka.launcher import LocalKafka
+from consumer.settings import Settings, load_settings
+
+
+class _Rtcbus(typer.Typer):
+    """Typer, reporting rtcbus's errors as one line on stderr with exit status 1."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except RtcbusError as exc:
+            typer.echo(f"rtcbus: error: {exc}", err=True)
+            raise SystemExit(1) from None
+        except KafkaException as exc:
+            typer.echo(f"rtcbus: Kafka error: {exc.args[0].str()}", err=True)
+            raise SystemExit(1) from None
+
+
+def _settings(ctx: typer.Context, **flags: object) -> Settings:
+    """The settings: the environment, overridden by the shared flags, then the command's own."""
+    return load_settings(**ctx.obj, **flags)
+
+
+# -- shared options ------------------------------------------------------------------------
+
+
+def main(
+    ctx: typer.Context,
+    bootstrap_servers: Annotated[
+        str | None,
+        typer.Option(help="Kafka bootstrap servers (env RTCBUS_BOOTSTRAP_SERVERS); default: the local Kafka."),
+    ] = None,
+    home: Annotated[
+        Path | None,
+        typer.Option(help="Where the local Kafka keeps jars, data and logs (env RTCBUS_HOME); default ~/.rtcbus."),
+    ] = None,
+    topic_prefix: Annotated[
+        str | None, typer.Option(help="Prefix of every topic name (env RTCBUS_TOPIC_PREFIX); default rtc.")
+    ] = None,
+) -> None:
+    """RTC callbacks as a typed, exactly-once event bus on Apache Kafka."""
+    ctx.obj = {"bootstrap_servers": bootstrap_servers, "home": home, "topic_prefix": topic_prefix}
+    # The parts report progress (fetching Kafka, starting nodes) through logging.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+# -- rtcbus kafka ----------------------------------------------------------------------------
+
+
+def kafka_start(
+    ctx: typer.Context,
+    brokers: Annotated[
+        int | None,
+        typer.Option(help="Nodes in the local cluster (env RTCBUS_BROKERS); default 1, or as it last ran."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="First port (env RTCBUS_LOCAL_PORT); node i uses port+2(i-1) and the next one."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the brokers to answer.")] = 60.0,
+) -> None:
+    """Start the local Apache Kafka (KRaft) on 127.0.0.1; print its bootstrap servers."""
+    kafka = LocalKafka(_settings(ctx, brokers=brokers, local_port=port))
+    started = time.monotonic()
+    bootstrap = kafka.start(timeout_s=timeout)
+    typer.echo(
+        f"Kafka {kafka.kafka_version} is up, {len(kafka.nodes)} broker(s) "
+        f"({time.monotonic() - started:.1f} s); data in {kafka.cluster_dir}",
+        err=True,
+    )
+    typer.echo(bootstrap)
+
+
+def kafka_stop(
+    ctx: typer.Context,
+    timeout: Annotated[float, typer.Option(help="Seconds a broker gets to shut down before it is killed.")] = 30.0,
+) -> None:
+    """Stop the local Kafka (controlled shutdown); its data stays for the next start."""
+    stopped = LocalKafka(_settings(ctx)).stop(timeout_s=timeout)
+    if stopped:
+        typer.echo(f"Stopped Kafka node(s) {', '.join(str(node.node_id) for node in stopped)}.")
+    else:
+        typer.echo("The local Kafka is not running.")
+
+
+def kafka_status(ctx: typer.Context) -> None:
+    """Show what of the local Kafka runs where: pids, ports, data and logs."""
+    kafka = LocalKafka(_settings(ctx))
+    statuses = kafka.status()
+    if not statuses:
+        typer.echo(f"No local Kafka in {kafka.cluster_dir} yet; `rtcbus kafka start` creates it.")
+        return
+    typer.echo(f"Kafka {kafka.kafka_version} in {kafka.cluster_dir}")
+    for status in statuses:
+        node = status.node
+        state = f"running (pid {status.pid})" if status.pid is not None else "stopped"
+        typer.echo(
+            f"  node {node.node_id}: {state:<20} {node.address}  controller port {node.controller_port}\n"
+            f"          data {node.data_dir}\n"
+            f"          log  {node.log_file}"
+        )
+    typer.echo(f"bootstrap servers: {kafka.bootstrap_servers}")
+
+
+# -- rtcbus topics ---------------------------------------------------------------------------
+
+
+def topics_create(
+    ctx: typer.Context,
+    partitions: Annotated[int | None, typer.Option(help="Partitions per topic (env RTCBUS_PARTITIONS).")] = None,
+    replication_factor: Annotated[
+        int | None,
+        typer.Option(help="(env RTCBUS_REPLICATION_FACTOR); default 3 on 3+ brokers, else 1."),
+    ] = None,
+) -> None:
+    """Create rtcbus's topics that do not exist yet: raw, one per domain, DLQ, dedupe."""
+    settings = _settings(ctx, partitions=partitions, replication_factor=replication_factor)
+    created = admin.ensure_topics(settings)
+    for name in admin.topic_names(settings):
+        typer.echo(f"{'created' if name in created else 'exists '}  {name}")
+
+
+def topics_list(ctx: typer.Context) -> None:
+    """Show rtcbus's topics with their partitions, replication and own settings."""
+    settings = _settings(ctx)
+    topics = admin.describe_topics(settings, admin.topic_names(settings))
+    width = max(len(name) for name in topics)
+    for name, info in topics.items():
+        if info is None:
+            typer.echo(f"{name:<{width}}  missing")
+            continue
+        config = " ".join(f"{key}={value}" for key, value in info.config.items())
+        typer.echo(
+            f"{name:<{width}}  partitions={info.partitions}  replication={info.replication_factor}  {config}"
+        )
+
+
+# -- rtcbus schemas --------------------------------------------------------------------------
+
+
+def schemas_list(ctx: typer.Context) -> None:
+    """Show every EventType: its domain, topic, key field and schema fingerprint."""
+    from consumer.routing import KEY_FIELDS, RoutingTable
+    from consumer.schemas import contract
+
+    table = RoutingTable.from_settings(_settings(ctx))
+    schemas = contract()
+    rows = []
+    for event_type in table.event_types:
+        route = table.route(event_type)
+        fields = schemas[event_type].data_fields
+        key = next((field for field in KEY_FIELDS if field in fields), "AppId")
+        rows.append((event_type, route.domain, route.topic, key, schemas[event_type].fingerprint.hex()))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    typer.echo("  ".join(f"{h:<{w}}" for h, w in zip(("EventType", "domain", "topic", "key"), widths)) + "  fingerprint")
+    for row in rows:
+        typer.echo("  ".join(f"{v:<{w}}" for v, w in zip(row, widths)) + f"  {row[4]}")
+    typer.echo(f"{len(rows)} EventTypes in {len({row[1] for row in rows})} domains")
+
+
+# -- rtcbus router / tail / up -----------------------------------------------------------------
+
+
+def router(
+    ctx: typer.Context,
+    instance_id: Annotated[str | None, typer.Option(help="Stable id of this instance (env RTCBUS_INSTANCE_ID).")] = None,
+    commit_interval_ms: Annotated[int | None, typer.Option(help="Commit at least this often (env RTCBUS_COMMIT_INTERVAL_MS).")] = None,
+    dedupe_window_s: Annotated[float | None, typer.Option(help="Remember EventIds this long (env RTCBUS_DEDUPE_WINDOW_S).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (env RTCBUS_METRICS_PORT).")] = None,
+) -> None:
+    """Route raw callbacks to the domain topics, exactly once, until SIGTERM or Ctrl-C."""
+    from consumer.router import run_router
+
+    run_router(
+        _settings(
+            ctx,
+            instance_id=instance_id,
+            commit_interval_ms=commit_interval_ms,
+            dedupe_window_s=dedupe_window_s,
+            metrics_port=metrics_port,
+        )
+    )
+
+
+def tail(
+    ctx: typer.Context,
+    domains: Annotated[list[str] | None, typer.Argument(help="Domains to read, e.g. room recording.")] = None,
+    all_domains: Annotated[bool, typer.Option("--all", help="Every domain, unknown included.")] = False,
+    idle_timeout: Annotated[float | None, typer.Option(help="Exit after this many seconds without a record.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Exit after this many records.")] = None,
+) -> None:
+    """Print committed records of domain topics as JSON lines, from the beginning."""
+    import threading
+
+    from consumer import tail as tailing
+
+    if not domains and not all_domains:
+        raise typer.BadParameter("name one or more domains, or --all")
+    stop = threading.Event()
+    try:
+        tailing.tail(_settings(ctx), [] if all_domains else domains, typer.echo, stop, idle_timeout, limit)
+    except KeyError as exc:
+        raise typer.BadParameter(exc.args[0]) from None
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def up(
+    ctx: typer.Context,
+    secrets: Annotated[str | None, typer.Option(help="Callback secrets, comma-separated (env RTCBUS_SECRETS); generated if none.")] = None,
+    shim_host: Annotated[str | None, typer.Option(help="(env RTCBUS_SHIM_HOST)")] = None,
+    shim_port: Annotated[int | None, typer.Option(help="(env RTCBUS_SHIM_PORT)")] = None,
+    commit_interval_ms: Annotated[int | None, typer.Option(help="(env RTCBUS_COMMIT_INTERVAL_MS)")] = None,
+    dedupe_window_s: Annotated[float | None, typer.Option(help="(env RTCBUS_DEDUPE_WINDOW_S)")] = None,
+) -> None:
+    """Run everything: local Kafka (unless bootstrap servers are given), topics, shim, router."""
+    from consumer.stack import up as bring_up
+
+    settings = _settings(
+        ctx,
+        secrets=secrets,
+        shim_host=shim_host,
+        shim_port=shim_port,
+        commit_interval_ms=commit_interval_ms,
+        dedupe_window_s=dedupe_window_s,
+    )
+    raise typer.Exit(bring_up(settings, typer.echo))
+
+
+# -- the command tree ------------------------------------------------------------------------
+
+app = _Rtcbus(no_args_is_help=True, add_completion=False)
+app.callback()(main)
+
+kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka, for development and tests.")
+kafka_app.command("start")(kafka_start)
+kafka_app.command("stop")(kafka_stop)
+kafka_app.command("status")(kafka_status)
+app.add_typer(kafka_app, name="kafka")
+
+topics_app = typer.Typer(no_args_is_help=True, help="rtcbus's Kafka topics.")
+topics_app.command("create")(topics_create)
+topics_app.command("list")(topics_list)
+app.add_typer(topics_app, name="topics")
+
+schemas_app = typer.Typer(no_args_is_help=True, help="The Avro contract.")
+schemas_app.command("list")(schemas_list)
+app.add_typer(schemas_app, name="schemas")
+
+app.command("router")(router)
+app.command("tail")(tail)
+app.command("up")(up)
+
+if __name__ == "__main__":
+    app()

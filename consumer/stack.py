@@ -1,0 +1,85 @@
+"""``rtcbus up``: the whole product on one machine, on the embedded default.
+
+Starts the local Kafka unless ``bootstrap_servers`` is set, creates the topics, and runs the
+shim and the router as two child processes (``rtcbus shim``, ``rtcbus router``), so that
+each has a core and an event loop of its own. Ctrl-C (or SIGTERM) stops the children
+gracefully, then the Kafka it started; the data stays for the next ``up``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import SecretStr
+
+from consumer.kafka.admin import ensure_topics
+from consumer.kafka.launcher import LocalKafka
+from consumer.settings import Settings
+
+
+def up(settings: Settings, echo: Callable[[str], None]) -> int:
+    """Bring everything up and block until a signal or a child's death; returns an exit code."""
+    kafka = None
+    if not settings.bootstrap_servers:
+        kafka = LocalKafka(settings)
+        settings = settings.model_copy(update={"bootstrap_servers": kafka.start()})
+    if not settings.secrets:
+        generated = secrets.token_urlsafe(24)
+        settings = settings.model_copy(update={"secrets": [SecretStr(generated)]})
+    ensure_topics(settings)
+
+    # Shown once, on the operator's own terminal, because the sender must be configured with it.
+    echo(f"Kafka:        {settings.bootstrap_servers}")
+    echo(f"Callback URL: http://{settings.shim_host}:{settings.shim_port}/callbacks")
+    echo(f"Secret:       {settings.secrets[0].get_secret_value()}")
+    echo(f"Metrics:      shim http://{settings.shim_host}:{settings.shim_port}/metrics, "
+         f"router http://127.0.0.1:{settings.metrics_port}/metrics")
+    echo("Ctrl-C stops everything.")
+
+    env = {**os.environ, **_child_env(settings)}
+    children = [
+        subprocess.Popen([sys.executable, "-m", "consumer.cli", command], env=env)
+        for command in ("shim", "router")
+    ]
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        while not stop.wait(0.5):
+            if any(child.poll() is not None for child in children):
+                echo("a child process exited; stopping the rest")
+                break
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        codes = [child.wait(60) for child in children]
+        if kafka is not None:
+            kafka.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0 if stop.is_set() and all(code == 0 for code in codes) else 1
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    """The settings the children need, as the ``RTCBUS_*`` variables they read."""
+    values: dict[str, Any] = {
+        "BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "SECRETS": ",".join(s.get_secret_value() for s in settings.secrets),
+        "TOPIC_PREFIX": settings.topic_prefix,
+        "SHIM_HOST": settings.shim_host,
+        "SHIM_PORT": settings.shim_port,
+        "COMMIT_INTERVAL_MS": settings.commit_interval_ms,
+        "DEDUPE_WINDOW_S": settings.dedupe_window_s,
+        "HOME": settings.home,
+    }
+    return {f"RTCBUS_{key}": str(value) for key, value in values.items()}
