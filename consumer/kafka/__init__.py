@@ -1,0 +1,1 @@
+"""Kafka I/O: client configuration, topic admin, and the local broker for development and tests."""
