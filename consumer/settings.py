@@ -96,7 +96,7 @@ class Settings(BaseSettings):
         Path.home() / ".rtcbus",
         description="Where the local Kafka's jars, data and logs live.",
     )
-    kafka_version: str = "4.1.1"
+    kafka_version: str = "4.4.0"
     local_port: int = Field(9092, ge=1, le=65535, description="First port of the local Kafka.")
     brokers: int = Field(1, ge=1, le=5, description="Brokers in the local Kafka cluster.")
 
