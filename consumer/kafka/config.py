@@ -37,6 +37,10 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
         "bootstrap.servers": bootstrap_servers(settings),
         "acks": "all",
         "enable.idempotence": "true",
+        # Java's partitioner: a key lands where Java clients and Kafka Streams expect it, and
+        # the shim and the router (both librdkafka) agree, so a room keeps one partition
+        # number from the raw topic to every domain topic.
+        "partitioner": "murmur2_random",
     }
     if transactional_id is not None:
         config["transactional.id"] = transactional_id
