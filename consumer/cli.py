@@ -251,6 +251,79 @@ def up(
     raise typer.Exit(bring_up(settings, typer.echo))
 
 
+# -- rtcbus shim / send ---------------------------------------------------------------------
+
+
+def shim(
+    ctx: typer.Context,
+    shim_host: Annotated[str | None, typer.Option(help="Address to listen on (env RTCBUS_SHIM_HOST); default 127.0.0.1.")] = None,
+    shim_port: Annotated[int | None, typer.Option(help="Port to listen on (env RTCBUS_SHIM_PORT); default 8080.")] = None,
+    secrets: Annotated[
+        str | None,
+        typer.Option(help="Callback secrets, comma-separated (env RTCBUS_SECRETS); none: signatures are not checked."),
+    ] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help="Larger bodies get 413 (env RTCBUS_MAX_BODY_BYTES).")] = None,
+    ack_timeout_s: Annotated[
+        float | None, typer.Option(help="Answer 503 when Kafka has not acknowledged by then (env RTCBUS_ACK_TIMEOUT_S).")
+    ] = None,
+) -> None:
+    """Receive callbacks over HTTP and write them to the raw topic, until SIGTERM or Ctrl-C."""
+    from consumer.shim import run_shim
+
+    run_shim(
+        _settings(
+            ctx,
+            shim_host=shim_host,
+            shim_port=shim_port,
+            secrets=secrets,
+            max_body_bytes=max_body_bytes,
+            ack_timeout_s=ack_timeout_s,
+        )
+    )
+
+
+def send(
+    ctx: typer.Context,
+    examples: Annotated[bool, typer.Option("--examples", help="Each of the events page's 45 examples once.")] = False,
+    rate: Annotated[float | None, typer.Option(help="Generated load: callbacks per second.")] = None,
+    duration: Annotated[float, typer.Option(help="Generated load: seconds to send for.")] = 10.0,
+    url: Annotated[str | None, typer.Option(help="The shim's callback URL; default from --shim-host/--shim-port.")] = None,
+    shim_host: Annotated[str | None, typer.Option(help="(env RTCBUS_SHIM_HOST)")] = None,
+    shim_port: Annotated[int | None, typer.Option(help="(env RTCBUS_SHIM_PORT)")] = None,
+    secrets: Annotated[
+        str | None, typer.Option(help="Sign with the first of these (env RTCBUS_SECRETS); none: unsigned.")
+    ] = None,
+    app_id: Annotated[str, typer.Option(help="AppId of the callbacks.")] = "rtcbus-demo",
+    concurrency: Annotated[int, typer.Option(min=1, help="Callbacks in flight at most.")] = 16,
+    rooms: Annotated[int, typer.Option(min=1, help="Generated load: distinct RoomIds.")] = 50,
+) -> None:
+    """Sign callbacks like the RTC service and POST them to a shim (3 tries each, like the vendor)."""
+    from consumer import sender
+    from consumer.examples import load_examples
+
+    if examples == (rate is not None):
+        raise typer.BadParameter("give either --examples or --rate N [--duration S]")
+    settings = _settings(ctx, shim_host=shim_host, shim_port=shim_port, secrets=secrets)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per POST would bury the bar
+    target = url or f"http://{settings.shim_host}:{settings.shim_port}/callbacks"
+    secret = sender.signing_secret(settings, app_id)
+    if examples:
+        callbacks = sender.example_callbacks(load_examples(), app_id=app_id, secret=secret)
+        report = sender.send_with_progress(
+            target, callbacks, len(callbacks), concurrency=concurrency, description="examples"
+        )
+    else:
+        assert rate is not None
+        total = max(1, round(rate * duration))
+        generated = sender.load_callbacks(load_examples(), total, rooms=rooms, app_id=app_id, secret=secret)
+        report = sender.send_with_progress(
+            target, generated, total, concurrency=concurrency, rate=rate, description="load"
+        )
+    typer.echo(sender.describe_report(report))
+    if report.failed:
+        raise typer.Exit(1)
+
+
 # -- the command tree ------------------------------------------------------------------------
 
 app = _Rtcbus(no_args_is_help=True, add_completion=False)
@@ -274,6 +347,8 @@ app.add_typer(schemas_app, name="schemas")
 app.command("router")(router)
 app.command("tail")(tail)
 app.command("up")(up)
+app.command("shim")(shim)
+app.command("send")(send)
 
 if __name__ == "__main__":
     app()
