@@ -146,7 +146,12 @@ class Stack:
 
     def start_shim(self) -> RtcbusProcess:
         shim = self._spawn(["shim"], "shim")
-        wait_for(lambda: self._healthy(), 60, "the shim to answer /healthz")
+
+        def healthy() -> bool:
+            shim.assert_running()
+            return self._healthy()
+
+        wait_for(healthy, 60, "the shim to answer /healthz")
         return shim
 
     def start_router(self, instance: str = "0") -> RtcbusProcess:
