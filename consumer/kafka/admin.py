@@ -26,6 +26,9 @@ from consumer.settings import Settings
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
+# How long the first metadata request may take: librdkafka reports an unreachable cluster
+# only when the request times out, and a person waiting for that should not wait long.
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
         RtcbusError: Kafka did not answer, or refused to create a topic.
     """
     admin = _admin_client(settings)
-    metadata = _metadata(admin, settings, timeout_s)
+    metadata = _metadata(admin, settings, min(timeout_s, CONNECT_TIMEOUT_S))
     return _create(admin, settings, topic_specs(settings, len(metadata.brokers)), metadata, timeout_s)
 
 
@@ -113,7 +116,8 @@ def create_topics(settings: Settings, specs: Iterable[TopicSpec], *, timeout_s: 
         RtcbusError: Kafka did not answer, or refused to create a topic.
     """
     admin = _admin_client(settings)
-    return _create(admin, settings, list(specs), _metadata(admin, settings, timeout_s), timeout_s)
+    metadata = _metadata(admin, settings, min(timeout_s, CONNECT_TIMEOUT_S))
+    return _create(admin, settings, list(specs), metadata, timeout_s)
 
 
 def describe_topics(settings: Settings, names: Iterable[str], *, timeout_s: float = 30.0) -> dict[str, TopicInfo | None]:
@@ -123,7 +127,7 @@ def describe_topics(settings: Settings, names: Iterable[str], *, timeout_s: floa
         RtcbusError: Kafka did not answer.
     """
     admin = _admin_client(settings)
-    metadata = _metadata(admin, settings, timeout_s)
+    metadata = _metadata(admin, settings, min(timeout_s, CONNECT_TIMEOUT_S))
     names = list(names)
     present = [name for name in names if name in metadata.topics]
     resources = [ConfigResource(ResourceType.TOPIC, name) for name in present]
@@ -162,8 +166,8 @@ def _metadata(admin: AdminClient, settings: Settings, timeout_s: float) -> Clust
         return admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
         raise RtcbusError(
-            f"Kafka at {admin_config(settings)['bootstrap.servers']} did not answer "
-            f"({exc.args[0].str()}); is it running (`rtcbus kafka start`), "
+            f"Kafka at {admin_config(settings)['bootstrap.servers']} did not answer within "
+            f"{timeout_s:.0f} s ({exc.args[0].str()}); is it running (`rtcbus kafka start`), "
             "or is RTCBUS_BOOTSTRAP_SERVERS right?"
         ) from exc
 
