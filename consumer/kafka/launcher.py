@@ -233,7 +233,8 @@ class NodeStatus:
 class LocalKafka:
     """A Kafka cluster of ``settings.brokers`` KRaft nodes on loopback, kept in ``cluster_dir``.
 
-    The cluster id and the data survive :meth:`stop`; the next :meth:`start` resumes them.
+    The cluster id and the data survive :meth:`stop`; the next :meth:`start` resumes them,
+    with the broker count and ports it last ran with unless the settings name others.
     """
 
     def __init__(self, settings: Settings, *, cluster_dir: Path | None = None) -> None:
