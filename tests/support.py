@@ -21,7 +21,7 @@ from pathlib import Path
 import fastavro
 import fastavro.schema
 import httpx
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.envelope import sign
 
@@ -187,7 +187,9 @@ class Stack:
 
             def caught_up() -> bool:
                 ends = [consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in partitions]
-                committed = consumer.committed(partitions, timeout=10)
+                committed = _committed(consumer, partitions)
+                if committed is None:
+                    return False
                 # A partition that never had a record has nothing committed, and needs nothing.
                 return all(
                     c.offset == end or (end == 0 and c.offset < 0) for c, end in zip(committed, ends)
@@ -201,8 +203,8 @@ class Stack:
         """How many raw records the router group has committed so far, over all partitions."""
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group})
         try:
-            committed = consumer.committed(_partitions(consumer, self.raw_topic), timeout=10)
-            return sum(max(tp.offset, 0) for tp in committed)
+            committed = _committed(consumer, _partitions(consumer, self.raw_topic))
+            return sum(max(tp.offset, 0) for tp in committed or [])
         finally:
             consumer.close()
 
@@ -210,6 +212,16 @@ class Stack:
         for process in self.processes:
             if process.process and process.process.poll() is None:
                 process.stop()
+
+
+def _committed(consumer: Consumer, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
+    """The group's committed offsets, or None while the coordinator is not ready (retriable)."""
+    try:
+        return consumer.committed(partitions, timeout=10)
+    except KafkaException as exc:
+        if exc.args[0].retriable() or exc.args[0].code() == KafkaError.NOT_COORDINATOR:
+            return None
+        raise
 
 
 def _partitions(consumer: Consumer, topic: str) -> list[TopicPartition]:

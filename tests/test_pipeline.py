@@ -171,9 +171,10 @@ def assert_exactly_once_in_order(stack: Stack, sender: Sender) -> None:
 def test_router_killed_twice_mid_stream_loses_and_duplicates_nothing(stack):
     stack.start_shim()
     router = stack.start_router()
-    sender = Sender(stack, rooms=20, per_room=150).start()
+    sender = Sender(stack, rooms=20, per_room=200).start()
     for kill in (1, 2):
         wait_for(lambda: stack.committed_total() >= kill * 600, 120, f"{kill * 600} routed records")
+        assert sender.thread.is_alive(), "the kill must land mid-stream"
         router.kill()
         router = stack.start_router()
     sender.join()
