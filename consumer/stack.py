@@ -63,11 +63,16 @@ def up(settings: Settings, echo: Callable[[str], None]) -> int:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         codes = [child.wait(60) for child in children]
+        # uvicorn re-raises the SIGTERM it handled, after its graceful shutdown.
+        clean = (0, -signal.SIGTERM)
+        for command, code in zip(("shim", "router"), codes):
+            if code not in clean:
+                echo(f"rtcbus {command} exited with status {code}")
         if kafka is not None:
             kafka.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 0 if stop.is_set() and all(code == 0 for code in codes) else 1
+    return 0 if stop.is_set() and all(code in clean for code in codes) else 1
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
