@@ -1,5 +1,5 @@
 # The README's two commands, each one step from a fresh clone.
-#   make up     the local Kafka and rtcbus's topics
+#   make up     everything on the embedded default: local Kafka, topics, shim, router
 #   make test   every test; integration tests on a real broker (see tests/conftest.py)
 
 PYTHON ?= python3
@@ -9,9 +9,8 @@ PYTEST_ARGS ?=
 
 .PHONY: up test
 
-# For now the local Kafka and the topics; it becomes `rtcbus up` with the pipeline.
 up: $(BIN)/rtcbus
-	$(BIN)/rtcbus kafka start && $(BIN)/rtcbus topics create
+	$(BIN)/rtcbus up
 
 test: $(BIN)/rtcbus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
