@@ -136,6 +136,7 @@ class Router:
         self._transaction_started = 0.0
         self._transaction_records = 0
         self._rewound = 0  # bumped whenever an abort rewinds partitions mid-consume()
+        self._failed = False
 
     @property
     def output_topics(self) -> list[str]:
@@ -180,6 +181,10 @@ class Router:
                     self._commit()
             if self._in_transaction:
                 self._commit()
+        except BaseException:
+            # Leaving the group below calls on_revoke: it must not commit half-done work.
+            self._failed = True
+            raise
         finally:
             self._consumer.close()
             self._restorer.close()
@@ -343,7 +348,7 @@ class Router:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Cooperative rebalancing: commit what was done so the next owner starts after it.
-        if self._in_transaction:
+        if self._in_transaction and not self._failed:
             self._commit()
         self._forget(partitions)
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
