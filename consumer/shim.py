@@ -110,7 +110,11 @@ class DeliveryBridge:
         self._thread.start()
 
     def stop(self, flush_timeout_s: float = SHUTDOWN_FLUSH_S) -> int:
-        """Flush what is queued, settle its requests and stop the thread. Blocking.
+        """Deliver what is queued, settle its requests, stop the thread, close the producer.
+
+        Blocking. Records still undelivered after ``flush_timeout_s`` are purged: their
+        requests were answered 503 (nobody got a 200 for them), and ``close()`` would
+        otherwise wait for each of them up to ``message.timeout.ms`` (5 minutes by default).
 
         Returns:
             How many records were still undelivered when the flush gave up.
@@ -119,7 +123,12 @@ class DeliveryBridge:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._flush(flush_timeout_s)
+        self.unflushed = self.producer.flush(flush_timeout_s)
+        if self.unflushed:
+            self.producer.purge()
+            self.producer.flush(0)  # serves the purged records' reports
+        self._hand_over()
+        self.producer.close()
         return self.unflushed
 
     def produce(
@@ -174,10 +183,6 @@ class DeliveryBridge:
         while not self._stopping.is_set():
             self.producer.poll(POLL_INTERVAL_S)
             self._hand_over()
-
-    def _flush(self, timeout_s: float) -> None:
-        self.unflushed = self.producer.flush(timeout_s)
-        self._hand_over()
 
     def _on_delivery(
         self, future: asyncio.Future[Message], error: KafkaError | None, message: Message
@@ -404,7 +409,10 @@ class Shim:
                 await asyncio.wait_for(self._idle.wait(), timeout=self.ack_timeout_s + 1)
             unflushed = await asyncio.to_thread(self.bridge.stop)
             if unflushed:
-                log.error("shim stopped with %d records not acknowledged by Kafka", unflushed)
+                log.warning(
+                    "Kafka did not take %d queued records before shutdown; dropped them "
+                    "(their requests were answered 503, so the sender retries them)", unflushed
+                )
 
     def _enter(self) -> None:
         self._in_flight += 1
