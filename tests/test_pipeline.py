@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -118,8 +119,9 @@ class Sender:
     """Posts ``per_room`` callbacks for each of ``rooms`` rooms, each room in order, retrying
     like the vendor (3 attempts); remembers what was answered 200."""
 
-    def __init__(self, stack: Stack, rooms: int, per_room: int) -> None:
+    def __init__(self, stack: Stack, rooms: int, per_room: int, interval_s: float = 0.0) -> None:
         self.stack, self.rooms, self.per_room = stack, rooms, per_room
+        self.interval_s = interval_s  # pacing per room, so the stream outlasts what the test does
         self.accepted: dict[str, list[str]] = defaultdict(list)
         self.thread = threading.Thread(target=self._run)
 
@@ -131,6 +133,7 @@ class Sender:
         room = f"room-{room_number}"
         with httpx.Client(timeout=10) as client:
             for sequence in range(self.per_room):
+                time.sleep(self.interval_s)
                 event_id = f"{room}-{sequence}"
                 body = callback(
                     "UserAudioStreamStart", join_room(room, "u", sequence), self.stack.secret,
@@ -171,9 +174,11 @@ def assert_exactly_once_in_order(stack: Stack, sender: Sender) -> None:
 def test_router_killed_twice_mid_stream_loses_and_duplicates_nothing(stack):
     stack.start_shim()
     router = stack.start_router()
-    sender = Sender(stack, rooms=20, per_room=200).start()
-    for kill in (1, 2):
-        wait_for(lambda: stack.committed_total() >= kill * 600, 120, f"{kill * 600} routed records")
+    # 20 rooms at 5 callbacks/s each for 30 s: a killed router is back within its 10 s
+    # session timeout, so both kills land while callbacks still arrive.
+    sender = Sender(stack, rooms=20, per_room=150, interval_s=0.2).start()
+    for kill, routed in ((1, 300), (2, 1500)):
+        wait_for(lambda: stack.committed_total() >= routed, 120, f"{routed} routed records")
         assert sender.thread.is_alive(), "the kill must land mid-stream"
         router.kill()
         router = stack.start_router()
@@ -186,10 +191,11 @@ def test_router_killed_twice_mid_stream_loses_and_duplicates_nothing(stack):
 def test_a_second_router_joining_and_leaving_mid_stream_loses_and_duplicates_nothing(stack):
     stack.start_shim()
     first = stack.start_router("0")
-    sender = Sender(stack, rooms=12, per_room=150).start()
+    sender = Sender(stack, rooms=12, per_room=150, interval_s=0.15).start()
     wait_for(lambda: stack.committed_total() >= 300, 120, "the first router to route")
     second = stack.start_router("1")
     wait_for(lambda: "assigned partitions" in second.log(), 120, "the second router to get partitions")
+    assert sender.thread.is_alive(), "the second router must join mid-stream"
     wait_for(lambda: stack.committed_total() >= 1000, 120, "both routers to route")
     assert second.stop() == 0
     sender.join()
@@ -215,8 +221,6 @@ def own_broker(kafka_dist, tmp_path):
 
 
 def test_kafka_down_gets_503_in_time_and_every_200_reaches_its_domain_topic(own_broker, tmp_path):
-    import time
-
     local, bootstrap = own_broker
     stack = Stack(bootstrap, tmp_path, ack_timeout_s="1.5")
     try:
