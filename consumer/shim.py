@@ -76,6 +76,10 @@ class ProduceRefused(Exception):
         self.message = message
 
 
+class BodyTooLarge(Exception):
+    """The request body exceeds ``max_body_bytes``; it is not read any further."""
+
+
 class DeliveryBridge:
     """Turns librdkafka delivery reports into asyncio results, off the event loop.
 
@@ -242,10 +246,6 @@ class ShimMetrics:
         )
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class Shim:
     """The shim's endpoints and lifecycle; :func:`create_app` wires them into Starlette."""
 
@@ -302,7 +302,8 @@ class Shim:
                     status: {type: string, enum: [ok]}
                     EventId: {type: string}
           400: {description: 'Not JSON, or an envelope field missing or malformed. Body: {"error": ...}'}
-          401: {description: 'Signature matches no configured secret. Body: {"error": ...}'}
+          401: {description: 'Signature matches no configured secret (or EventTime is outside the
+            configured skew window). Body: {"error": ...}'}
           413: {description: 'Body larger than the limit. Body: {"error": ...}'}
           503: {description: 'Kafka did not acknowledge in time; retry. Body: {"error": ...}'}
         """
@@ -374,8 +375,15 @@ class Shim:
         except KafkaException as exc:
             return _error(503, f"Kafka is not reachable: {exc.args[0].name()}")
         topic = metadata.topics.get(self.topic)
-        if topic is None or topic.error is not None or not topic.partitions:
-            reason = topic.error.name() if topic is not None and topic.error else "no partitions"
+        if topic is None:
+            reason = "not in the cluster's metadata"
+        elif topic.error is not None:
+            reason = topic.error.name()
+        elif not topic.partitions:
+            reason = "no partitions"
+        else:
+            reason = None
+        if reason is not None:
             return _error(503, f"raw topic {self.topic} is not available: {reason}")
         return JSONResponse(
             {"status": "ready", "topic": self.topic, "partitions": len(topic.partitions)}
@@ -508,8 +516,8 @@ def _headers(envelope: Envelope, received_ms: int) -> list[tuple[str, bytes]]:
 
 
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    if status >= 500:
-        log.warning("answered %d: %s", status, message)
+    # Counted by status in /metrics; a line per refusal would flood the log in an outage.
+    log.debug("answered %d: %s", status, message)
     body: dict[str, Any] = {"error": message}
     if field is not None:
         body["field"] = field
