@@ -25,6 +25,16 @@ from consumer.schemas import SchemaSet
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 _HEADER_LENGTH = len(SINGLE_OBJECT_MAGIC) + 8
+# What fastavro's writer raises for a record that does not fit its schema.
+_WRITER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, struct.error)
+
+
+def _does_not_fit(name: str, record: Mapping[str, Any], exc: Exception) -> EncodingError:
+    return EncodingError(
+        f"{name}: record does not fit its schema: {exc}",
+        event_type=record.get("EventType"),
+        event_id=record.get("EventId"),
+    )
 
 
 class Codec(Protocol):
@@ -58,12 +68,8 @@ class SingleObjectCodec:
         buffer.write(self._headers[name])
         try:
             fastavro.schemaless_writer(buffer, self._parsed[name], record)
-        except (ValueError, TypeError, KeyError, AttributeError, struct.error) as exc:
-            raise EncodingError(
-                f"{name}: record does not fit its schema: {exc}",
-                event_type=record.get("EventType"),
-                event_id=record.get("EventId"),
-            ) from exc
+        except _WRITER_ERRORS as exc:
+            raise _does_not_fit(name, record, exc) from exc
         return buffer.getvalue()
 
     def decode(self, data: bytes, topic: str = "") -> dict[str, Any]:
@@ -127,12 +133,8 @@ class ConfluentCodec:
 
         try:
             data = self._serializers[name](record, SerializationContext(topic, MessageField.VALUE))
-        except (ValueError, TypeError, KeyError, AttributeError, struct.error) as exc:
-            raise EncodingError(
-                f"{name}: record does not fit its schema: {exc}",
-                event_type=record.get("EventType"),
-                event_id=record.get("EventId"),
-            ) from exc
+        except _WRITER_ERRORS as exc:
+            raise _does_not_fit(name, record, exc) from exc
         self._schema_ids.setdefault((name, topic), str(struct.unpack(">I", data[1:5])[0]))
         return data
 
