@@ -49,7 +49,18 @@ from consumer.settings import Settings
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-POM = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
+# In a source checkout the pom is in deploy/; a wheel carries it beside this module.
+POM = next(
+    (
+        path
+        for path in (
+            Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml",
+            Path(__file__).resolve().parent / "pom.xml",
+        )
+        if path.is_file()
+    ),
+    Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml",
+)
 LOG4J2_CONFIG = Path(__file__).with_name("log4j2.xml")
 RELEASE_ARCHIVE_URLS = (
     "https://downloads.apache.org/kafka/{version}/kafka_2.13-{version}.tgz",
