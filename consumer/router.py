@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from consumer.codec import Codec, codec_from_settings
 from consumer.dedupe import DedupeWindow
 from consumer.envelope import parse_envelope
-from consumer.errors import CallbackError, ValidationError
+from consumer.errors import CallbackError, EncodingError, ValidationError
 from consumer.events import EventModels, Source, models
 from consumer.kafka.config import consumer_config, producer_config
 from consumer.routing import RoutingTable
@@ -103,6 +103,7 @@ class Router:
         self._models: EventModels = models()
         self._codec: Codec = codec_from_settings(settings, contract())
         self._dedupe = DedupeWindow(int(settings.dedupe_window_s * 1000))
+        self._max_value_bytes = settings.max_record_bytes - 16 * 1024  # key and headers fit too
         self.registry = registry or CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
 
@@ -217,6 +218,15 @@ class Router:
             schema_name, record = self._models.to_record(envelope, source)
             route = self._routing.route(envelope.event_type)
             value = self._codec.encode(schema_name, record, route.topic)
+            if len(value) > self._max_value_bytes:
+                # Produced anyway, the broker would refuse it at commit, and the aborted
+                # transaction would be retried for ever: a poison pill for the partition.
+                raise EncodingError(
+                    f"{schema_name}: encoded record of {len(value)} bytes is over the "
+                    f"{self._max_value_bytes}-byte limit",
+                    event_type=envelope.event_type,
+                    event_id=envelope.event_id,
+                )
         except CallbackError as exc:
             self._dead_letter(message, exc.at(message.topic(), partition, offset))
             return

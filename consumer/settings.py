@@ -174,6 +174,11 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}.callbacks.dlq"
 
     @property
+    def max_record_bytes(self) -> int:
+        """The largest raw or DLQ record: a whole body plus key, headers and batch overhead."""
+        return self.max_body_bytes + 64 * 1024
+
+    @property
     def dedupe_topic(self) -> str:
         return f"{self.topic_prefix}.router.dedupe"
 

@@ -254,3 +254,17 @@ def test_kafka_down_gets_503_in_time_and_every_200_reaches_its_domain_topic(own_
     counts = Counter(decode_single_object(m.value())["EventId"] for m in read_topic(bootstrap, stack.topic("room")))
     assert [event_id for event_id in accepted if counts[event_id] != 1] == []
     assert all(n == 1 for n in counts.values())
+
+
+def test_a_body_at_the_size_limit_is_accepted_and_routed(stack):
+    stack.start_shim()
+    stack.start_router()
+    data = join_room("room-big", "u")
+    body = callback("UserJoinRoom", data, stack.secret, event_id="big-1")
+    data["ExtraInfo"] = "x" * (1024 * 1024 - len(body) - 64)  # just under the 1 MiB body limit
+    body = callback("UserJoinRoom", data, stack.secret, event_id="big-1")
+    assert 1024 * 1024 - 200 < len(body) <= 1024 * 1024
+    assert stack.post(body) == 200
+    stack.wait_caught_up()
+    (record,) = [decode_single_object(m.value()) for m in read_topic(stack.bootstrap, stack.topic("room"))]
+    assert record["EventId"] == "big-1" and len(record["EventData"]["ExtraInfo"]) == len(data["ExtraInfo"])

@@ -86,6 +86,9 @@ def topic_specs(settings: Settings, broker_count: int) -> list[TopicSpec]:
         if name == settings.dedupe_topic:
             # Changelogs are usually compacted; this one must forget old EventIds by age.
             config["cleanup.policy"] = "delete"
+        else:
+            # The broker's default (1 MiB + 12 bytes) is below a full-size body with headers.
+            config["max.message.bytes"] = str(settings.max_record_bytes)
         specs.append(TopicSpec(name, settings.partitions, replication, config))
     return specs
 

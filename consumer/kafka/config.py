@@ -33,6 +33,8 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
             instance, so that a restarted instance fences its previous incarnation.
     """
     config = {
+        # Room for the largest body the shim accepts (the user's setting wins if given).
+        "message.max.bytes": str(settings.max_record_bytes),
         **settings.kafka_client_config(),
         "bootstrap.servers": bootstrap_servers(settings),
         "acks": "all",
