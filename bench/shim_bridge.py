@@ -29,9 +29,10 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from bench.broker import bench_kafka
 
 SECRET = "bench-secret"
 TOPIC_PREFIX = "bench"
@@ -172,23 +173,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def free_port_pair() -> int:
-    """The first of two consecutive free ports (a node's client and controller ports), below
-    the ephemeral range so that client connections do not take them meanwhile."""
-    import random
-
-    for _ in range(200):
-        first = random.randrange(15000, 31999)
-        try:
-            for port in (first, first + 1):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError("no two consecutive free ports")
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -251,19 +235,7 @@ def main() -> None:
     parser.add_argument("--arms", default="no-kafka,bridge,per-report")
     args = parser.parse_args()
 
-    local = None
-    bootstrap = args.bootstrap
-    if bootstrap is None:
-        from consumer.kafka.launcher import LocalKafka, provision
-        from consumer.settings import load_settings
-
-        dist = provision(load_settings())
-        local = LocalKafka(
-            load_settings(home=Path(tempfile.mkdtemp(prefix="rtcbus-bench-")),
-                          kafka_home=dist, local_port=free_port_pair())
-        )
-        bootstrap = local.start()
-    try:
+    with bench_kafka(args.bootstrap) as bootstrap:
         from consumer.kafka.admin import ensure_topics
         from consumer.settings import load_settings
 
@@ -287,9 +259,6 @@ def main() -> None:
             print(f"{arm:<11} {median(results, 'rps'):>8.0f} {median(results, 'p50_ms'):>8.2f} "
                   f"{median(results, 'p99_ms'):>8.2f} {median(results, 'server_cpu_us_per_request'):>11.0f}"
                   f"  ({each})  {statuses}", flush=True)
-    finally:
-        if local is not None:
-            local.stop()
 
 
 def median(results: list[dict], key: str) -> float:
