@@ -4,7 +4,8 @@ Run: .venv/bin/python -m bench.router [--events 20000] [--intervals 20,100,1000]
 
 Each run fills a fresh raw topic (3 partitions) with the 45 examples of the events page, mixed,
 each with its own EventId, then lets one in-process router drain it. The clock runs from the
-first committed transaction to the last, so joining the group is not counted. The intervals
+first record the router processes to the commit of the last, so joining the group is not
+counted. The intervals
 are interleaved round by round; medians are reported, with the ratio to the default (100 ms).
 """
 
@@ -18,7 +19,7 @@ import threading
 import time
 import uuid
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from bench.broker import bench_kafka
 from consumer.examples import load_examples
@@ -48,30 +49,43 @@ def fill(settings: Settings, events: int) -> None:
     assert producer.flush(60) == 0
 
 
-def committed(settings: Settings, partitions: list[TopicPartition]) -> int:
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group_id})
+def committed(consumer: Consumer, partitions: list[TopicPartition]) -> int:
+    """Offsets the group committed, summed; 0 while its coordinator is still loading."""
     try:
         return sum(max(tp.offset, 0) for tp in consumer.committed(partitions, timeout=10))
-    finally:
-        consumer.close()
+    except KafkaException as exc:
+        if exc.args[0].code() == KafkaError.NOT_COORDINATOR or exc.args[0].retriable():
+            return 0
+        raise
+
+
+def records_in(router: Router) -> float:
+    return sum(
+        sample.value
+        for metric in router.metrics.records_in.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
 
 
 def drain(settings: Settings, events: int) -> float:
     """Events/s of one router draining the raw topic."""
     partitions = [TopicPartition(settings.raw_topic, p) for p in range(settings.partitions)]
+    watcher = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group_id})
     router, stop = Router(settings), threading.Event()
     thread = threading.Thread(target=router.run, args=(stop,))
     thread.start()
     try:
-        while (first := committed(settings, partitions)) == 0:
-            time.sleep(0.05)
+        while records_in(router) == 0:
+            time.sleep(0.01)
         started = time.monotonic()
-        while committed(settings, partitions) < events:
-            time.sleep(0.05)
-        return (events - first) / (time.monotonic() - started)
+        while committed(watcher, partitions) < events:
+            time.sleep(0.02)
+        return events / (time.monotonic() - started)
     finally:
         stop.set()
         thread.join(60)
+        watcher.close()
 
 
 def main() -> None:
