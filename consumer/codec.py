@@ -59,6 +59,7 @@ class SingleObjectCodec:
             name: SINGLE_OBJECT_MAGIC + schema.fingerprint for name, schema in schemas.items()
         }
         self._parsed = {name: schema.parsed for name, schema in schemas.items()}
+        self._ids = {name: schema.fingerprint.hex() for name, schema in schemas.items()}
 
     def encode(self, name: str, record: Mapping[str, Any], topic: str = "") -> bytes:
         """Raises:
@@ -89,7 +90,7 @@ class SingleObjectCodec:
             raise EncodingError(f"{schema.name}: body does not decode: {exc}") from exc
 
     def schema_id(self, name: str, topic: str = "") -> str:
-        return self._schemas[name].fingerprint.hex()
+        return self._ids[name]
 
 
 class ConfluentCodec:
