@@ -236,6 +236,9 @@ def test_kafka_down_gets_503_in_time_and_every_200_reaches_its_domain_topic(own_
                 return True
             return False
 
+        # The outage hits a running pipeline: the router has joined its group. (A router
+        # still joining when the broker goes away is a separate case, see the issue note.)
+        wait_for(lambda: "assigned partitions" in router.log(), 60, "the router to get its partitions")
         for n in range(5):
             assert accept(n)
         local.stop()
