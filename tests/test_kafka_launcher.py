@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -78,7 +79,11 @@ def test_three_brokers_keep_taking_acks_all_writes_when_one_stops(kafka_dist, tm
         clients = load_settings(bootstrap_servers=bootstrap, topic_prefix=settings.topic_prefix, partitions=3)
         ensure_topics(clients)
         topic = clients.raw_topic
-        info = describe_topics(clients, [topic])[topic]
+        # Metadata reaches the three brokers one by one: ask until the one answering knows it.
+        deadline = time.monotonic() + 30
+        while (info := describe_topics(clients, [topic])[topic]) is None:
+            assert time.monotonic() < deadline, f"{topic} never appeared in the metadata"
+            time.sleep(0.2)
         assert (info.replication_factor, info.config["min.insync.replicas"]) == (3, "2")
         before = [(f"k{i}".encode(), b"before") for i in range(30)]
         produce(producer_config(clients), topic, before)
