@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,10 @@ import httpx
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.envelope import sign
+from kafka_helpers import free_ports
 
 AVRO_DIR = Path(__file__).parents[1] / "avro"
 RTCBUS = str(Path(sys.executable).parent / "rtcbus")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.1):
@@ -112,7 +106,7 @@ class Stack:
         self.secret = f"secret-{name}"
         self.prefix = f"t{name}"
         self.group = f"router-{name}"
-        self.shim_port = free_port()
+        self.shim_port = free_ports(1)
         self.env = {
             "RTCBUS_BOOTSTRAP_SERVERS": bootstrap,
             "RTCBUS_TOPIC_PREFIX": self.prefix,
@@ -159,7 +153,7 @@ class Stack:
             ["router"],
             f"router-{instance}",
             RTCBUS_INSTANCE_ID=f"router-{instance}",
-            RTCBUS_METRICS_PORT=str(free_port()),
+            RTCBUS_METRICS_PORT=str(free_ports(1)),
         )
 
     def _spawn(self, command: list[str], name: str, **env: str) -> RtcbusProcess:

@@ -10,20 +10,21 @@ import uuid
 
 import pytest
 
-from support import RTCBUS, RtcbusProcess, free_port, wait_for
+from kafka_helpers import free_ports
+from support import RTCBUS, RtcbusProcess, wait_for
 
 pytestmark = pytest.mark.kafka
 
 
 def test_up_send_examples_then_tail_shows_the_45_decoded_records(kafka, tmp_path):
-    port = free_port()
+    port = free_ports(1)
     env = {
         "RTCBUS_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "RTCBUS_SECRETS": "quickstart-secret",
         "RTCBUS_TOPIC_PREFIX": f"q{uuid.uuid4().hex[:8]}",
         "RTCBUS_GROUP_ID": f"router-{uuid.uuid4().hex[:8]}",
         "RTCBUS_SHIM_PORT": str(port),
-        "RTCBUS_METRICS_PORT": str(free_port()),
+        "RTCBUS_METRICS_PORT": str(free_ports(1)),
         "RTCBUS_PARTITIONS": "2",
     }
     up = RtcbusProcess(["up"], env, tmp_path / "up.log").start()
