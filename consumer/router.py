@@ -51,8 +51,27 @@ from consumer.schemas import contract
 
 log = logging.getLogger(__name__)
 
-_TXN_TIMEOUT_S = 30.0
+_TXN_TIMEOUT_S = 30.0  # the producer's transaction.timeout.ms, and the deadline of each call
+_ATTEMPT_S = 5.0  # one attempt of a transactional call: short enough to notice a stop
+_GRACE_S = 5.0  # how long past its own timeout a librdkafka call may take before it is stuck
 _RESTORE_TIMEOUT_S = 60.0
+
+# Errors of a metadata or offsets lookup that a broker restart causes and a retry cures.
+_TRANSIENT_LOOKUP_ERRORS = frozenset(
+    {
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
 
 
 class RouterMetrics:
@@ -115,14 +134,7 @@ class Router:
         # One transactional.id per instance: a restarted instance fences its previous
         # incarnation and aborts what it left open; other instances are fenced by the group
         # generation sent with the offsets (KIP-447), so ids need not follow partitions.
-        self._producer = Producer(
-            {
-                "transaction.timeout.ms": "30000",
-                **producer_config(
-                    settings, transactional_id=f"{settings.group_id}-{settings.instance_id}"
-                ),
-            }
-        )
+        self._producer = self._new_producer()
         self._restorer = Consumer(
             {
                 **consumer_config(settings, f"{settings.group_id}-restore"),
@@ -138,6 +150,18 @@ class Router:
         self._transaction_records = 0
         self._rewound = 0  # bumped whenever an abort rewinds partitions mid-consume()
         self._failed = False
+        self._stop = threading.Event()
+
+    def _new_producer(self) -> Producer:
+        return Producer(
+            {
+                "transaction.timeout.ms": str(int(_TXN_TIMEOUT_S * 1000)),
+                **producer_config(
+                    self._settings,
+                    transactional_id=f"{self._settings.group_id}-{self._settings.instance_id}",
+                ),
+            }
+        )
 
     @property
     def output_topics(self) -> list[str]:
@@ -155,7 +179,8 @@ class Router:
         settings = self._settings
         interval_s = settings.commit_interval_ms / 1000
         batch_size = min(settings.commit_max_records, 1000)
-        self._producer.init_transactions(_TXN_TIMEOUT_S)
+        self._stop = stop
+        self._transactional(self._producer.init_transactions)
         self._consumer.subscribe(
             [self._raw_topic],
             on_assign=self._on_assign,
@@ -286,26 +311,41 @@ class Router:
         self._transaction_records = 0
 
     def _commit(self) -> None:
-        """Commit the open transaction with the processed offsets; abort and rewind if
-        librdkafka says the transaction must be aborted."""
+        """Commit the open transaction with the processed offsets.
+
+        If librdkafka says the transaction must be aborted, abort and redo its work. If the
+        commit cannot get through within the transaction timeout (a broker restart can leave
+        librdkafka waiting on a coordinator it has forgotten), replace the producer: its
+        successor's ``init_transactions`` fences it and aborts what it left open, and the
+        work is redone.
+        """
         offsets = [
             TopicPartition(self._raw_topic, partition, offset)
             for partition, offset in self._processed.items()
             if partition in self._owned and offset >= 0
         ]
         try:
-            self._retrying(
-                lambda: self._producer.send_offsets_to_transaction(
-                    offsets, self._consumer.consumer_group_metadata(), _TXN_TIMEOUT_S
+            self._transactional(
+                lambda timeout: self._producer.send_offsets_to_transaction(
+                    offsets, self._consumer.consumer_group_metadata(), timeout
                 )
             )
-            self._retrying(lambda: self._producer.commit_transaction(_TXN_TIMEOUT_S))
+            self._transactional(self._producer.commit_transaction)
+        except _Stuck as exc:
+            if self._stop.is_set():
+                raise
+            self._replace_producer(str(exc))
+            return
         except KafkaException as exc:
-            if exc.args[0].txn_requires_abort():
-                log.warning("transaction must be aborted: %s", exc.args[0].str())
+            error = exc.args[0]
+            if error.txn_requires_abort():
+                log.warning("transaction must be aborted: %s", error.str())
                 self._abort()
                 return
-            raise
+            if not error.retriable() or self._stop.is_set():
+                raise
+            self._replace_producer(f"commit did not get through: {error.str()}")
+            return
         self._in_transaction = False
         self._dedupe.commit()
         self._committed.update({tp.partition: tp.offset for tp in offsets})
@@ -313,9 +353,24 @@ class Router:
         self._record_lag()
 
     def _abort(self) -> None:
-        """Abort the open transaction and redo its work: rewind every owned partition to
-        its last committed offset and forget the EventIds the transaction added."""
-        self._retrying(lambda: self._producer.abort_transaction(_TXN_TIMEOUT_S))
+        """Abort the open transaction and redo its work."""
+        try:
+            self._transactional(self._producer.abort_transaction)
+        except _Stuck as exc:
+            if self._stop.is_set():
+                raise
+            self._replace_producer(str(exc))
+            return
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or self._stop.is_set():
+                raise
+            self._replace_producer(f"abort did not get through: {exc.args[0].str()}")
+            return
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Forget the aborted transaction: rewind every owned partition to its last committed
+        offset and drop the EventIds the transaction added."""
         self._in_transaction = False
         self._dedupe.abort()
         self.metrics.aborts.inc()
@@ -323,16 +378,55 @@ class Router:
         self._seek_to(self._processed)
         self._rewound += 1
 
-    @staticmethod
-    def _retrying(call: Callable[[], None], attempts: int = 5) -> None:
-        for attempt in range(attempts):
+    def _replace_producer(self, reason: str) -> None:
+        """Swap in a new transactional producer with the same ``transactional.id``, and redo
+        the open transaction's work. Its ``init_transactions`` bumps the producer epoch,
+        which fences the old producer and aborts the transaction it left open. It is retried
+        until Kafka answers or the router is asked to stop."""
+        log.warning("replacing the transactional producer: %s", reason)
+        self._swap_producer()
+        while True:
             try:
-                call()
+                self._transactional(self._producer.init_transactions)
+                break
+            except _Stuck as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning("the new producer is stuck too, replacing it: %s", exc)
+                self._swap_producer()
+            except KafkaException as exc:
+                # Not a new producer: librdkafka resumes a timed-out init_transactions when it
+                # is called again, and a second producer would race the first for the epoch.
+                if self._stop.is_set() or not exc.args[0].retriable():
+                    raise
+                log.warning("Kafka still unreachable, retrying: %s", exc.args[0].str())
+        self._rewind()
+
+    def _swap_producer(self) -> None:
+        stuck, self._producer = self._producer, self._new_producer()
+        # Destroying a producer waits for its threads, and a stuck one may never finish:
+        # the last reference is dropped in a daemon thread, off the loop's path.
+        threading.Thread(target=_dispose, args=([stuck],), daemon=True).start()
+
+    def _transactional(self, call: Callable[[float], Any]) -> None:
+        """Run one transactional API call, retrying what librdkafka calls retriable, for up
+        to the transaction timeout. Attempts are short, so a stop request is noticed.
+
+        Raises:
+            KafkaException: the call's error, once it is not retriable, the deadline has
+                passed, or the router is stopping.
+            _Stuck: the call did not return in time; the producer must be replaced.
+        """
+        deadline = time.monotonic() + _TXN_TIMEOUT_S
+        while True:
+            try:
+                _bounded(call, min(_ATTEMPT_S, max(deadline - time.monotonic(), 0.1)))
                 return
             except KafkaException as exc:
-                if not exc.args[0].retriable() or attempt == attempts - 1:
+                error = exc.args[0]
+                if not error.retriable() or time.monotonic() >= deadline or self._stop.is_set():
                     raise
-                log.warning("retrying after %s", exc.args[0].str())
+                log.warning("retrying after %s", error.str())
 
     def _seek_to(self, offsets: dict[int, int]) -> None:
         for partition in self._owned:
@@ -343,7 +437,7 @@ class Router:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
-        committed = consumer.committed(partitions, timeout=_TXN_TIMEOUT_S)
+        committed = _retrying_lookup(lambda: consumer.committed(partitions, timeout=_ATTEMPT_S))
         for tp in committed:
             if tp.offset >= 0:
                 self._committed[tp.partition] = tp.offset
@@ -385,8 +479,10 @@ class Router:
     def _read_markers(self, partition: int) -> list[tuple[str, int]]:
         """The committed dedupe markers of ``partition`` from the last window, oldest first."""
         since_ms = int(time.time() * 1000 - self._settings.dedupe_window_s * 1000)
-        start = self._restorer.offsets_for_times(
-            [TopicPartition(self._dedupe_topic, partition, since_ms)], timeout=_TXN_TIMEOUT_S
+        start = _retrying_lookup(
+            lambda: self._restorer.offsets_for_times(
+                [TopicPartition(self._dedupe_topic, partition, since_ms)], timeout=_ATTEMPT_S
+            )
         )[0]
         if start.offset < 0:
             return []  # no marker that recent
@@ -418,6 +514,63 @@ class Router:
             if high >= 0 and position is not None:
                 self.metrics.lag.labels(str(partition)).set(max(high - position, 0))
 
+
+class _Stuck(Exception):
+    """A librdkafka call that has not returned long after its own timeout."""
+
+
+def _bounded(call: Callable[[float], Any], timeout_s: float) -> Any:
+    """``call(timeout_s)``, in a daemon thread, given ``_GRACE_S`` more to return.
+
+    Written by hand because librdkafka 2.16 can block ``send_offsets_to_transaction`` past
+    its timeout, for good, when a broker restart removed the group coordinator it cached
+    (confluentinc/librdkafka#5456, #5511): seen here as a router silent for 300 s. A
+    thread is the only way to stop waiting for a C call; ``concurrent.futures`` would join
+    a stuck worker at exit.
+
+    Raises:
+        _Stuck: the call is still running.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call(timeout_s)
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="rtcbus-transactional-call", daemon=True)
+    worker.start()
+    worker.join(timeout_s + _GRACE_S)
+    if worker.is_alive():
+        raise _Stuck(f"a transactional call has not returned {timeout_s + _GRACE_S:.0f} s after it began")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _retrying_lookup(call: Callable[[], Any]) -> Any:
+    """``call()``, retried while it fails with an error a broker restart causes (a stale
+    leader epoch, a coordinator still loading), for up to the restore timeout."""
+    deadline = time.monotonic() + _RESTORE_TIMEOUT_S
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            transient = error.retriable() or error.code() in _TRANSIENT_LOOKUP_ERRORS
+            if not transient or time.monotonic() >= deadline:
+                raise
+            log.warning("retrying after %s", error.str())
+            time.sleep(0.2)  # a back-off between attempts, not a wait for an outcome
+
+
+def _dispose(holder: list[Producer]) -> None:
+    """Drop the last reference to a producer, in a thread of its own: its destruction waits
+    for librdkafka's threads, which may be stuck on a broker that went away."""
+    with contextlib.suppress(Exception):
+        holder[0].purge()
+    holder.clear()
 
 
 def run_router(settings: Any) -> None:

@@ -25,6 +25,7 @@ PASSTHROUGH_KAFKA_KEYS = frozenset(
         "broker.address.family", "socket.timeout.ms", "socket.keepalive.enable",
         "socket.connection.setup.timeout.ms", "connections.max.idle.ms",
         "reconnect.backoff.ms", "reconnect.backoff.max.ms", "metadata.max.age.ms",
+        "metadata.recovery.strategy", "metadata.recovery.rebootstrap.trigger.ms",
         "topic.metadata.refresh.interval.ms", "request.timeout.ms", "retry.backoff.ms",
         "retry.backoff.max.ms", "message.max.bytes", "receive.message.max.bytes",
         "linger.ms", "batch.size", "batch.num.messages", "compression.type",

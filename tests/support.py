@@ -180,7 +180,12 @@ class Stack:
             partitions = _partitions(consumer, self.raw_topic)
 
             def caught_up() -> bool:
-                ends = [consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in partitions]
+                try:
+                    ends = [consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in partitions]
+                except KafkaException as exc:
+                    if _not_yet(exc.args[0]):
+                        return False  # a restarted broker is still taking leadership back
+                    raise
                 committed = _committed(consumer, partitions)
                 if committed is None:
                     return False
@@ -213,9 +218,19 @@ def _committed(consumer: Consumer, partitions: list[TopicPartition]) -> list[Top
     try:
         return consumer.committed(partitions, timeout=10)
     except KafkaException as exc:
-        if exc.args[0].retriable() or exc.args[0].code() == KafkaError.NOT_COORDINATOR:
+        if _not_yet(exc.args[0]):
             return None
         raise
+
+
+def _not_yet(error: KafkaError) -> bool:
+    """An error a broker that is (re)starting gives before it is ready."""
+    return error.retriable() or error.code() in (
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError._TIMED_OUT,
+    )
 
 
 def _partitions(consumer: Consumer, topic: str) -> list[TopicPartition]:
