@@ -191,6 +191,13 @@ def router(
     commit_interval_ms: Annotated[int | None, typer.Option(help="Commit at least this often (env RTCBUS_COMMIT_INTERVAL_MS).")] = None,
     dedupe_window_s: Annotated[float | None, typer.Option(help="Remember EventIds this long (env RTCBUS_DEDUPE_WINDOW_S).")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (env RTCBUS_METRICS_PORT).")] = None,
+    exactly_once: Annotated[
+        bool | None,
+        typer.Option(
+            "--exactly-once/--at-least-once",
+            help="Transactions (default), or flush-then-commit, which a crash can duplicate (env RTCBUS_EXACTLY_ONCE).",
+        ),
+    ] = None,
 ) -> None:
     """Route raw callbacks to the domain topics, exactly once, until SIGTERM or Ctrl-C."""
     from consumer.router import run_router
@@ -202,6 +209,7 @@ def router(
             commit_interval_ms=commit_interval_ms,
             dedupe_window_s=dedupe_window_s,
             metrics_port=metrics_port,
+            exactly_once=exactly_once,
         )
     )
 

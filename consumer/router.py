@@ -6,6 +6,11 @@ topic, all inside one Kafka transaction that also carries the consumed offsets a
 dedupe markers. The transaction commits every ``commit_max_records`` records or
 ``commit_interval_ms``, whichever comes first.
 
+With ``exactly_once`` off, the same loop runs without transactions: at each commit point it
+flushes its output, then commits the consumer offsets, so a crash between the two duplicates
+what was flushed (at-least-once). It exists for users who accept that, and as the
+benchmark's measure of what transactions cost.
+
 Failure handling follows librdkafka's transactional contract:
 
 - bad input (a record that can never be processed) goes to the DLQ inside the same
@@ -134,6 +139,9 @@ class Router:
         # One transactional.id per instance: a restarted instance fences its previous
         # incarnation and aborts what it left open; other instances are fenced by the group
         # generation sent with the offsets (KIP-447), so ids need not follow partitions.
+        self._transactions = settings.exactly_once
+        self._delivery_errors: list[KafkaError] = []
+        self._pending_markers: list[dict[str, Any]] = []
         self._producer = self._new_producer()
         self._restorer = Consumer(
             {
@@ -153,6 +161,8 @@ class Router:
         self._stop = threading.Event()
 
     def _new_producer(self) -> Producer:
+        if not self._transactions:
+            return Producer({**producer_config(self._settings), "on_delivery": self._delivered})
         return Producer(
             {
                 "transaction.timeout.ms": str(int(_TXN_TIMEOUT_S * 1000)),
@@ -162,6 +172,10 @@ class Router:
                 ),
             }
         )
+
+    def _delivered(self, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            self._delivery_errors.append(error)
 
     @property
     def output_topics(self) -> list[str]:
@@ -180,7 +194,8 @@ class Router:
         interval_s = settings.commit_interval_ms / 1000
         batch_size = min(settings.commit_max_records, 1000)
         self._stop = stop
-        self._transactional(self._producer.init_transactions)
+        if self._transactions:
+            self._transactional(self._producer.init_transactions)
         self._consumer.subscribe(
             [self._raw_topic],
             on_assign=self._on_assign,
@@ -269,13 +284,13 @@ class Router:
         )
         # The marker shares the raw record's partition number and timestamp, so the window
         # can be rebuilt per partition, on the raw topic's clock.
-        self._produce(
-            self._dedupe_topic,
-            b"",
-            key=envelope.event_id.encode(),
-            partition=partition,
-            timestamp=timestamp,
-        )
+        marker = {"key": envelope.event_id.encode(), "partition": partition, "timestamp": timestamp}
+        if self._transactions:
+            self._produce(self._dedupe_topic, b"", **marker)
+        else:
+            # Without a transaction a marker must not reach Kafka before its record does, or
+            # a crash in between would make the restored window drop a record never written.
+            self._pending_markers.append(marker)
         self._dedupe.add(partition, envelope.event_id, timestamp)
         self.metrics.records_out.labels(envelope.event_type, route.domain).inc()
 
@@ -305,7 +320,8 @@ class Router:
     # -- transactions -----------------------------------------------------------------------------
 
     def _begin(self) -> None:
-        self._producer.begin_transaction()
+        if self._transactions:
+            self._producer.begin_transaction()
         self._in_transaction = True
         self._transaction_started = time.monotonic()
         self._transaction_records = 0
@@ -324,6 +340,9 @@ class Router:
             for partition, offset in self._processed.items()
             if partition in self._owned and offset >= 0
         ]
+        if not self._transactions:
+            self._commit_at_least_once(offsets)
+            return
         try:
             self._transactional(
                 lambda timeout: self._producer.send_offsets_to_transaction(
@@ -346,14 +365,55 @@ class Router:
                 raise
             self._replace_producer(f"commit did not get through: {error.str()}")
             return
+        self._committed_through(offsets)
+
+    def _committed_through(self, offsets: list[TopicPartition]) -> None:
         self._in_transaction = False
         self._dedupe.commit()
         self._committed.update({tp.partition: tp.offset for tp in offsets})
         self.metrics.commits.inc()
         self._record_lag()
 
+    def _commit_at_least_once(self, offsets: list[TopicPartition]) -> None:
+        """Flush the output, then its dedupe markers, then commit the offsets: nothing is
+        marked or committed that Kafka does not have."""
+        if not self._flushed():
+            return
+        for marker in self._pending_markers:
+            self._produce(self._dedupe_topic, b"", **marker)
+        self._pending_markers = []
+        if not self._flushed():
+            return
+        if offsets:
+            try:
+                _retrying_lookup(lambda: self._consumer.commit(offsets=offsets, asynchronous=False))
+            except KafkaException as exc:
+                # The group moved on (a rebalance): the next owner redoes these records.
+                log.warning("offset commit refused, redoing: %s", exc.args[0].str())
+                self._rewind()
+                return
+        self._committed_through(offsets)
+
+    def _flushed(self) -> bool:
+        """Wait until Kafka has everything produced; False (and rewound) if some was refused."""
+        while self._producer.flush(_ATTEMPT_S) > 0:
+            if self._stop.is_set():
+                raise KafkaException(
+                    KafkaError(KafkaError._TIMED_OUT, "output not flushed before stopping")
+                )
+            log.warning("waiting for Kafka to take the output before committing")
+        if self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            log.warning("%d records not delivered (%s): redoing", len(errors), errors[0].str())
+            self._rewind()
+            return False
+        return True
+
     def _abort(self) -> None:
         """Abort the open transaction and redo its work."""
+        if not self._transactions:
+            self._rewind()  # what was produced stays: at-least-once
+            return
         try:
             self._transactional(self._producer.abort_transaction)
         except _Stuck as exc:
@@ -372,6 +432,7 @@ class Router:
         """Forget the aborted transaction: rewind every owned partition to its last committed
         offset and drop the EventIds the transaction added."""
         self._in_transaction = False
+        self._pending_markers = []
         self._dedupe.abort()
         self.metrics.aborts.inc()
         self._processed = {p: self._committed[p] for p in self._owned if p in self._committed}

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     instance_id: str = Field("router-0", description="Stable per router instance (fences zombies).")
     commit_interval_ms: int = Field(100, ge=1)
     commit_max_records: int = Field(1000, ge=1)
+    # False: the router commits consumer offsets after flushing its output instead of using
+    # transactions, so a crash can duplicate the records since the last commit.
+    exactly_once: bool = True
     dedupe_window_s: float = Field(15 * 60, gt=0)
     metrics_port: int = Field(9108, ge=0, le=65535)
 

@@ -188,6 +188,36 @@ def test_router_killed_twice_mid_stream_loses_and_duplicates_nothing(stack):
     assert_exactly_once_in_order(stack, sender)
 
 
+def test_at_least_once_router_killed_mid_stream_loses_nothing(kafka, tmp_path):
+    stack = Stack(kafka.bootstrap_servers, tmp_path, exactly_once="false")
+    try:
+        stack.start_shim()
+        router = stack.start_router()
+        sender = Sender(stack, rooms=10, per_room=100, interval_s=0.1).start()
+        wait_for(lambda: stack.committed_total() >= 300, 120, "300 routed records")
+        assert sender.thread.is_alive(), "the kill must land mid-stream"
+        router.kill()
+        router = stack.start_router()
+        sender.join()
+        stack.wait_caught_up(timeout_s=180)
+        router.assert_running()
+    finally:
+        stack.stop_all()
+
+    records = [decode_single_object(m.value()) for m in read_topic(stack.bootstrap, stack.topic("stream"))]
+    counts = Counter(r["EventId"] for r in records)
+    accepted = [event_id for ids in sender.accepted.values() for event_id in ids]
+    assert accepted
+    assert [event_id for event_id in accepted if counts[event_id] == 0] == []
+    # A replay after the kill may repeat records, but each room's first sightings keep order.
+    first_seen: dict[str, list[int]] = defaultdict(list)
+    for record in records:
+        if counts[record["EventId"]] > 0:
+            counts[record["EventId"]] = 0
+            first_seen[record["EventData"]["RoomId"]].append(record["EventData"]["Timestamp"])
+    assert all(sequence == sorted(sequence) for sequence in first_seen.values())
+
+
 def test_a_second_router_joining_and_leaving_mid_stream_loses_and_duplicates_nothing(stack):
     stack.start_shim()
     first = stack.start_router("0")
