@@ -104,6 +104,11 @@ class RouterMetrics:
         self.aborts = Counter(
             "rtcbus_router_transactions_aborted", "Transactions aborted", registry=registry
         )
+        self.producer_replacements = Counter(
+            "rtcbus_router_producer_replacements",
+            "Transactional producers replaced after a call stuck or timed out",
+            registry=registry,
+        )
         self.lag = Gauge(
             "rtcbus_router_consumer_lag", "Records behind the raw topic's end", ["partition"],
             registry=registry,
@@ -445,6 +450,7 @@ class Router:
         which fences the old producer and aborts the transaction it left open. It is retried
         until Kafka answers or the router is asked to stop."""
         log.warning("replacing the transactional producer: %s", reason)
+        self.metrics.producer_replacements.inc()
         self._swap_producer()
         while True:
             try:
