@@ -31,7 +31,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from confluent_kafka import (
@@ -513,7 +513,8 @@ class Router:
                 self._committed.pop(tp.partition, None)
                 self._processed.pop(tp.partition, None)
         for partition in numbers:
-            self._dedupe.restore(partition, self._read_markers(partition))
+            resume_ms = self._resume_time_ms(partition, self._processed.get(partition))
+            self._dedupe.restore(partition, self._read_markers(partition, resume_ms))
         self._owned.update(numbers)
         log.info("assigned partitions %s", sorted(numbers))
 
@@ -543,9 +544,19 @@ class Router:
             with contextlib.suppress(KeyError):  # no lag was recorded for it yet
                 self.metrics.lag.remove(str(partition))
 
-    def _read_markers(self, partition: int) -> list[tuple[str, int]]:
-        """The committed dedupe markers of ``partition`` from the last window, oldest first."""
-        since_ms = int(time.time() * 1000 - self._settings.dedupe_window_s * 1000)
+    def _resume_time_ms(self, partition: int, offset: int | None) -> int:
+        """The raw timestamp of the first record this instance will route from ``partition``,
+        or now if none is waiting: the window is measured on the raw records' clock, so a
+        router back after an outage longer than the window still knows what preceded it."""
+        now_ms = int(time.time() * 1000)
+        start = TopicPartition(self._raw_topic, partition, OFFSET_BEGINNING if offset is None else offset)
+        first = next(self._read_partition(start), None)
+        return min(now_ms, first.timestamp()[1]) if first is not None else now_ms
+
+    def _read_markers(self, partition: int, resume_ms: int) -> list[tuple[str, int]]:
+        """The committed dedupe markers of ``partition`` within the window before
+        ``resume_ms``, oldest first."""
+        since_ms = int(resume_ms - self._settings.dedupe_window_s * 1000)
         start = _retrying_lookup(
             lambda: self._restorer.offsets_for_times(
                 [TopicPartition(self._dedupe_topic, partition, since_ms)], timeout=_ATTEMPT_S
@@ -553,23 +564,26 @@ class Router:
         )[0]
         if start.offset < 0:
             return []  # no marker that recent
+        return [(m.key().decode(), m.timestamp()[1]) for m in self._read_partition(start)]
+
+    def _read_partition(self, start: TopicPartition) -> Iterator[Message]:
+        """Committed records of one partition, from ``start`` to its end."""
         self._restorer.assign([start])
-        markers: list[tuple[str, int]] = []
         deadline = time.monotonic() + _RESTORE_TIMEOUT_S
         try:
             while time.monotonic() < deadline:
                 for message in self._restorer.consume(500, timeout=0.5):
                     error = message.error()
                     if error is None:
-                        markers.append((message.key().decode(), message.timestamp()[1]))
+                        yield message
                     elif error.code() == KafkaError._PARTITION_EOF:
-                        return markers  # read_committed: the end is the last stable offset
+                        return  # read_committed: the end is the last stable offset
                     else:
                         raise KafkaException(error)
         finally:
             self._restorer.unassign()
         raise KafkaException(
-            KafkaError(KafkaError._TIMED_OUT, f"dedupe restore of partition {partition} timed out")
+            KafkaError(KafkaError._TIMED_OUT, f"reading {start.topic} [{start.partition}] timed out")
         )
 
     def _record_lag(self) -> None:

@@ -86,6 +86,27 @@ def test_a_callback_sent_three_times_and_again_after_a_restart_gives_one_record(
     assert ids == Counter({"dup-1": 1, "after-1": 1})
 
 
+def test_a_duplicate_is_dropped_after_the_router_was_down_longer_than_the_window(kafka, tmp_path):
+    # The window is measured on the raw records' clock: a router back from a long outage must
+    # still know the events routed just before the duplicate was received.
+    stack = Stack(kafka.bootstrap_servers, tmp_path, dedupe_window_s="5")
+    try:
+        stack.start_shim()
+        router = stack.start_router()
+        body = callback("UserJoinRoom", join_room("room-late", "u1"), stack.secret, event_id="late-1")
+        assert stack.post(body) == 200
+        stack.wait_caught_up()
+        router.stop()
+        assert stack.post(body) == 200  # the vendor's duplicate, one window after the original
+        time.sleep(6)  # the outage itself: the router stays down longer than the 5 s window
+        stack.start_router()
+        stack.wait_caught_up()
+    finally:
+        stack.stop_all()
+    ids = Counter(record["EventId"] for _, _, record in domain_records(stack))
+    assert ids == Counter({"late-1": 1})
+
+
 def test_unknown_event_type_and_broken_event_data_are_not_lost(stack):
     stack.start_shim()
     stack.start_router()
