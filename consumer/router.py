@@ -355,20 +355,12 @@ class Router:
                 )
             )
             self._transactional(self._producer.commit_transaction)
-        except _Stuck as exc:
-            if self._stop.is_set():
-                raise
-            self._replace_producer(str(exc))
-            return
-        except KafkaException as exc:
-            error = exc.args[0]
-            if error.txn_requires_abort():
-                log.warning("transaction must be aborted: %s", error.str())
+        except (_Stuck, KafkaException) as exc:
+            if isinstance(exc, KafkaException) and exc.args[0].txn_requires_abort():
+                log.warning("transaction must be aborted: %s", exc.args[0].str())
                 self._abort()
-                return
-            if not error.retriable() or self._stop.is_set():
-                raise
-            self._replace_producer(f"commit did not get through: {error.str()}")
+            else:
+                self._replace_unless_final(exc, "the commit did not get through")
             return
         self._committed_through(offsets)
 
@@ -421,15 +413,8 @@ class Router:
             return
         try:
             self._transactional(self._producer.abort_transaction)
-        except _Stuck as exc:
-            if self._stop.is_set():
-                raise
-            self._replace_producer(str(exc))
-            return
-        except KafkaException as exc:
-            if not exc.args[0].retriable() or self._stop.is_set():
-                raise
-            self._replace_producer(f"abort did not get through: {exc.args[0].str()}")
+        except (_Stuck, KafkaException) as exc:
+            self._replace_unless_final(exc, "the abort did not get through")
             return
         self._rewind()
 
@@ -443,6 +428,14 @@ class Router:
         self._processed = {p: self._committed[p] for p in self._owned if p in self._committed}
         self._seek_to(self._processed)
         self._rewound += 1
+
+    def _replace_unless_final(self, exc: _Stuck | KafkaException, what: str) -> None:
+        """After a transactional call failed for good: re-raise if the error is not
+        retriable or the router is stopping, else replace the producer (redoing the work)."""
+        error = exc.args[0] if isinstance(exc, KafkaException) else None
+        if self._stop.is_set() or (error is not None and not error.retriable()):
+            raise exc
+        self._replace_producer(f"{what}: {error.str() if error is not None else exc}")
 
     def _replace_producer(self, reason: str) -> None:
         """Swap in a new transactional producer with the same ``transactional.id``, and redo
