@@ -6,7 +6,16 @@ import contextlib
 import socket
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BenchKafka:
+    """The broker of a run: where it is, and its version when this run started it."""
+
+    bootstrap_servers: str
+    version: str | None
 
 
 def _free_port_pair() -> int:
@@ -24,10 +33,10 @@ def _free_port_pair() -> int:
 
 
 @contextlib.contextmanager
-def bench_kafka(bootstrap: str | None = None) -> Iterator[str]:
-    """Yield bootstrap servers: ``bootstrap`` if given, else a fresh local broker's."""
+def bench_kafka(bootstrap: str | None = None) -> Iterator[BenchKafka]:
+    """Yield ``bootstrap`` if given, else a fresh local broker, stopped on the way out."""
     if bootstrap is not None:
-        yield bootstrap
+        yield BenchKafka(bootstrap, None)
         return
     from consumer.kafka.launcher import LocalKafka, provision
     from consumer.settings import load_settings
@@ -40,6 +49,6 @@ def bench_kafka(bootstrap: str | None = None) -> Iterator[str]:
         )
     )
     try:
-        yield local.start()
+        yield BenchKafka(local.start(), local.kafka_version)
     finally:
         local.stop()
