@@ -1,52 +1,215 @@
-"""Router throughput by commit interval: events/s draining a pre-filled raw topic, exactly once.
+"""Router throughput: events/s draining a pre-filled raw topic, against four other contenders.
 
-Run: .venv/bin/python -m bench.router [--events 20000] [--intervals 20,100,1000] [--rounds 2]
+Run alone: .venv/bin/python -m bench.router [--events 20000] [--rounds 2] [--bootstrap HOST:PORT]
 
-Each run fills a fresh raw topic (3 partitions) with the 45 examples of the events page, mixed,
-each with its own EventId, then lets one in-process router drain it. The clock runs from the
-first record the router processes to the commit of the last, so joining the group is not
-counted. The intervals
-are interleaved round by round; medians are reported, with the ratio to the default (100 ms).
+Contenders (``ARMS``), each a process of its own (``bench.contender``) draining a fresh raw
+topic of 3 partitions filled with the same records (``bench.workload``), with the same
+commit interval and batch size:
+
+- ``rtcbus-eos``: the router, exactly once (transactions, offsets and dedupe markers in them);
+- ``rtcbus-alo``: the same router with ``exactly_once=False``;
+- ``passthrough``: consume → produce the same bytes, transactional, no parsing (the ceiling);
+- ``textbook``: json.loads, pydantic, SerializingProducer + AvroSerializer, commit per batch;
+- ``quix``: Quix Streams, exactly once (needs ``.venv-quix``; reported "not installed" if absent).
+
+The arms run interleaved, round by round (ABCDE, ABCDE, ...). The clock of one drain runs
+from the first record on an output topic to the group's commit of the last raw offset, so
+process start-up and joining the group are not counted. Medians are reported, with ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
-import threading
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from bench.broker import bench_kafka
-from consumer.examples import load_examples
-from consumer.kafka.admin import ensure_topics
-from consumer.router import Router
+from bench import quix_app
+from bench.passthrough import output_topic
+from bench.workload import RawRecord, raw_records
+from consumer.kafka.admin import TopicSpec, create_topics, ensure_topics
+from consumer.routing import RoutingTable
 from consumer.settings import Settings, load_settings
-from consumer.routing import partition_key
+
+PARTITIONS = 3
 
 
-def fill(settings: Settings, events: int) -> None:
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "linger.ms": 20,
-                         "partitioner": "murmur2_random"})
-    for number, example in zip(range(events), itertools.cycle(load_examples())):
-        event_id = f"bench-{number}"
-        body = json.dumps({
-            "EventType": example.event_type, "EventData": json.dumps(example.event_data),
-            "EventTime": "2024-05-01T12:00:00+08:00", "EventId": event_id,
-            "AppId": "bench", "Version": example.version,
-        }).encode()
-        key = partition_key(example.event_data, "bench", event_id).encode()
+@dataclass(frozen=True)
+class Arm:
+    """One contender: which loop, with which settings."""
+
+    name: str
+    contender: str  # a key of bench.contender.CONTENDERS
+    overrides: dict = field(default_factory=dict)
+
+
+ARMS = (
+    Arm("rtcbus-eos", "rtcbus", {"exactly_once": True}),
+    Arm("rtcbus-alo", "rtcbus", {"exactly_once": False}),
+    Arm("passthrough", "passthrough"),
+    Arm("textbook", "textbook"),
+    Arm("quix", "quix"),
+)
+
+
+def fill(settings: Settings, records: Sequence[RawRecord]) -> None:
+    """Write ``records`` to the raw topic as the shim would (acks=all, murmur2 keys)."""
+    producer = Producer({
+        "bootstrap.servers": settings.bootstrap_servers, "linger.ms": 20, "acks": "all",
+        "enable.idempotence": True, "partitioner": "murmur2_random",
+    })
+    for record in records:
         while True:
             try:
-                producer.produce(settings.raw_topic, body, key=key)
+                producer.produce(settings.raw_topic, record.body, key=record.key)
                 break
             except BufferError:
                 producer.poll(0.1)
-    assert producer.flush(60) == 0
+    if producer.flush(60) != 0:
+        raise RuntimeError("the raw topic was not filled within 60 s")
+
+
+def arm_settings(bootstrap: str, arm: Arm, commit_interval_ms: int = 100) -> Settings:
+    """Fresh topics and group for one drain of ``arm``."""
+    name = uuid.uuid4().hex[:8]
+    return load_settings(
+        bootstrap_servers=bootstrap, topic_prefix=f"bench{name}", partitions=PARTITIONS,
+        group_id=f"bench-{arm.name}-{name}", instance_id=f"{arm.name}-0",
+        commit_interval_ms=commit_interval_ms, metrics_port=0, **arm.overrides,
+    )
+
+
+def drain(arm: Arm, settings: Settings, events: int, timeout_s: float) -> dict:
+    """One drain of the raw topic by ``arm`` in its own process: events/s and seconds."""
+    if arm.contender == "passthrough":
+        outputs = [output_topic(settings)]
+        create_topics(settings, [TopicSpec(outputs[0], PARTITIONS, 1, {})])
+    else:
+        domains = RoutingTable.from_settings(settings).domains
+        outputs = [domains["stream"], domains["room"]]  # the first record lands in one of them
+    python = sys.executable
+    if arm.contender == "quix":
+        python = str(quix_app.interpreter())
+    overrides = {
+        key: value for key, value in settings.model_dump(mode="json").items()
+        if key in ("bootstrap_servers", "topic_prefix", "partitions", "group_id", "instance_id",
+                   "commit_interval_ms", "commit_max_records", "metrics_port", "exactly_once")
+    }
+    process = subprocess.Popen(
+        [python, "-m", "bench.contender", arm.contender, json.dumps(overrides)]
+    )
+    watcher = Consumer({"bootstrap.servers": settings.bootstrap_servers,
+                        "group.id": settings.group_id, "log_level": 0})
+    raw = [TopicPartition(settings.raw_topic, p) for p in range(PARTITIONS)]
+    output_partitions = [TopicPartition(t, p) for t in outputs for p in range(PARTITIONS)]
+    try:
+        deadline = time.monotonic() + timeout_s
+        while _produced(watcher, output_partitions) == 0:
+            _check(process, deadline, arm)
+            time.sleep(0.01)
+        started = time.monotonic()
+        while (done := committed(watcher, raw)) < events:
+            _check(process, deadline, arm, done)
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+        return {"events": events, "seconds": seconds, "events_per_s": events / seconds}
+    finally:
+        watcher.close()
+        terminate(process)
+
+
+def run(bootstrap: str, events: int, rounds: int, arms: Sequence[Arm] = ARMS,
+        records: Sequence[RawRecord] | None = None, timeout_s: float = 300) -> dict:
+    """The comparison: per arm, each round's figures, the median, and the ratios."""
+    records = records if records is not None else raw_records(events)
+    warm_up(bootstrap, records)
+    runs: dict[str, list[dict]] = {arm.name: [] for arm in arms}
+    skipped: dict[str, str] = {}
+    for arm in arms:
+        if arm.contender == "quix" and quix_app.interpreter() is None:
+            skipped[arm.name] = "not installed (make bench creates .venv-quix)"
+    for _ in range(rounds):
+        for arm in arms:
+            if arm.name in skipped:
+                continue
+            settings = arm_settings(bootstrap, arm)
+            ensure_topics(settings)
+            fill(settings, records)
+            try:
+                runs[arm.name].append(drain(arm, settings, len(records), timeout_s))
+            except RuntimeError as exc:
+                runs[arm.name].append({"error": str(exc)})
+    return summarize(runs, skipped, events=len(records), rounds=rounds)
+
+
+def warm_up(bootstrap: str, records: Sequence[RawRecord]) -> None:
+    """A short passthrough drain whose figure is dropped: on a fresh broker, the first
+    transaction and the first group commit wait for the broker to create its
+    transaction-state and offsets topics, which no contender should pay for."""
+    arm = Arm("warm-up", "passthrough")
+    settings = arm_settings(bootstrap, arm)
+    ensure_topics(settings)
+    fill(settings, records[:500])
+    drain(arm, settings, min(len(records), 500), timeout_s=120)
+
+
+def by_commit_interval(bootstrap: str, intervals: Sequence[int], rounds: int,
+                       records: Sequence[RawRecord], timeout_s: float = 300) -> dict:
+    """The exactly-once router's events/s by commit interval, interleaved."""
+    arm = ARMS[0]
+    runs: dict[str, list[dict]] = {str(i): [] for i in intervals}
+    for _ in range(rounds):
+        for interval in intervals:
+            settings = arm_settings(bootstrap, arm, commit_interval_ms=interval)
+            ensure_topics(settings)
+            fill(settings, records)
+            runs[str(interval)].append(drain(arm, settings, len(records), timeout_s))
+    return {interval: {"runs": r, "events_per_s": _median(r)} for interval, r in runs.items()}
+
+
+def summarize(runs: dict[str, list[dict]], skipped: dict[str, str], **about) -> dict:
+    arms = {}
+    for name, results in runs.items():
+        if name in skipped:
+            arms[name] = {"status": skipped[name]}
+        elif any("error" in r for r in results):
+            arms[name] = {"status": "failed", "runs": results}
+        else:
+            arms[name] = {"status": "ok", "runs": results, "events_per_s": _median(results)}
+    rate = {n: a["events_per_s"] for n, a in arms.items() if a["status"] == "ok"}
+    ratios = {}
+    for name in rate:
+        if "passthrough" in rate:
+            arms[name]["vs_passthrough"] = rate[name] / rate["passthrough"]
+        if "rtcbus-eos" in rate:
+            arms[name]["vs_rtcbus_eos"] = rate[name] / rate["rtcbus-eos"]
+    if "rtcbus-eos" in rate:
+        for other in ("passthrough", "rtcbus-alo", "textbook", "quix"):
+            if other in rate:
+                ratios[f"rtcbus-eos / {other}"] = rate["rtcbus-eos"] / rate[other]
+    return {**about, "arms": arms, "ratios": ratios}
+
+
+def _median(results: list[dict]) -> float:
+    return statistics.median(r["events_per_s"] for r in results)
+
+
+def _produced(consumer: Consumer, partitions: list[TopicPartition]) -> int:
+    """Records on the output partitions, committed or not (the high watermarks)."""
+    total = 0
+    for tp in partitions:
+        try:
+            total += max(consumer.get_watermark_offsets(tp, timeout=5)[1], 0)
+        except KafkaException:
+            pass  # the topic's metadata is not there yet
+    return total
 
 
 def committed(consumer: Consumer, partitions: list[TopicPartition]) -> int:
@@ -59,62 +222,36 @@ def committed(consumer: Consumer, partitions: list[TopicPartition]) -> int:
         raise
 
 
-def records_in(router: Router) -> float:
-    return sum(
-        sample.value
-        for metric in router.metrics.records_in.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total")
-    )
+def _check(process: subprocess.Popen, deadline: float, arm: Arm, done: int = 0) -> None:
+    if process.poll() is not None:
+        raise RuntimeError(f"{arm.name} exited with {process.returncode} after {done} events")
+    if time.monotonic() > deadline:
+        raise RuntimeError(f"{arm.name} timed out after {done} events")
 
 
-def drain(settings: Settings, events: int) -> float:
-    """Events/s of one router draining the raw topic."""
-    partitions = [TopicPartition(settings.raw_topic, p) for p in range(settings.partitions)]
-    watcher = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group_id})
-    router, stop = Router(settings), threading.Event()
-    thread = threading.Thread(target=router.run, args=(stop,))
-    thread.start()
+def terminate(process: subprocess.Popen) -> None:
+    process.terminate()
     try:
-        while records_in(router) == 0:
-            time.sleep(0.01)
-        started = time.monotonic()
-        while committed(watcher, partitions) < events:
-            time.sleep(0.02)
-        return events / (time.monotonic() - started)
-    finally:
-        stop.set()
-        thread.join(60)
-        watcher.close()
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=20000)
-    parser.add_argument("--intervals", default="20,100,1000", help="commit intervals in ms")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--arms", default=",".join(a.name for a in ARMS))
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
     args = parser.parse_args()
-    intervals = [int(i) for i in args.intervals.split(",")]
-    rates: dict[int, list[float]] = {i: [] for i in intervals}
-    with bench_kafka(args.bootstrap) as bootstrap:
-        for _ in range(args.rounds):
-            for interval in intervals:
-                name = uuid.uuid4().hex[:8]
-                settings = load_settings(
-                    bootstrap_servers=bootstrap, topic_prefix=f"bench{name}", partitions=3,
-                    group_id=f"bench-{name}", commit_interval_ms=interval,
-                    commit_max_records=100_000, metrics_port=0,
-                )
-                ensure_topics(settings)
-                fill(settings, args.events)
-                rates[interval].append(drain(settings, args.events))
-    base = statistics.median(rates.get(100) or rates[intervals[0]])
-    print(f"{'commit interval':>16} {'events/s':>10} {'vs 100 ms':>10}  (each round)")
-    for interval, values in rates.items():
-        median = statistics.median(values)
-        each = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"{interval:>13} ms {median:>10,.0f} {median / base:>9.2f}x  ({each})")
+    from bench.broker import bench_kafka
+
+    wanted = args.arms.split(",")
+    with bench_kafka(args.bootstrap) as kafka:
+        result = run(kafka.bootstrap_servers, args.events, args.rounds,
+                     [a for a in ARMS if a.name in wanted])
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
