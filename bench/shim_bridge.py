@@ -1,6 +1,6 @@
 """Cost of the shim's delivery-report bridge: requests/s, latency and server CPU per request.
 
-Run: .venv/bin/python -m bench.shim_bridge [--seconds 10] [--rounds 3] [--connections 32]
+Run: .venv/bin/python -m bench.shim_bridge [--seconds 10] [--rounds 3] [--connections 64,256]
          [--bootstrap HOST:PORT]
 
 Three shims, each in a process of its own (uvicorn, uvloop, httptools), loaded by a load
@@ -30,18 +30,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.broker import bench_kafka
+from bench.workload import SECRET
 
-SECRET = "bench-secret"
 TOPIC_PREFIX = "bench"
 
 
 # -- the servers ------------------------------------------------------------------------------
 
 
-def serve(arm: str, port: int, bootstrap: str) -> None:
+def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX) -> None:
     import uvicorn
     from prometheus_client import CollectorRegistry
     from starlette.applications import Starlette
@@ -53,7 +54,7 @@ def serve(arm: str, port: int, bootstrap: str) -> None:
     from consumer.shim import DeliveryBridge, Shim, ShimMetrics, _settle, create_app
 
     settings = load_settings(
-        bootstrap_servers=bootstrap, topic_prefix=TOPIC_PREFIX, secrets=SECRET, shim_port=port
+        bootstrap_servers=bootstrap, topic_prefix=topic_prefix, secrets=SECRET, shim_port=port
     )
 
     class NoKafkaBridge(DeliveryBridge):
@@ -106,21 +107,34 @@ def serve(arm: str, port: int, bootstrap: str) -> None:
 
 
 def bodies(count: int = 1000) -> list[bytes]:
-    from consumer.examples import load_examples
-    from consumer.sender import load_callbacks
+    from bench.workload import raw_records
 
-    return [c.body for c in load_callbacks(load_examples(), count, secret=SECRET, seed=1)]
+    return [record.body for record in raw_records(count, prefix="shim")]
+
+
+def request_bytes(port: int, body: bytes) -> bytes:
+    """A keep-alive ``POST /callbacks`` of ``body``."""
+    return (
+        f"POST /callbacks HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   request: bytes) -> str:
+    """Send one request on a keep-alive connection and read the answer; its status."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return head[9:12].decode()
 
 
 async def load(port: int, seconds: float, connections: int, warmup_s: float) -> dict:
-    requests = [
-        (
-            f"POST /callbacks HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        + body
-        for body in bodies()
-    ]
+    requests = [request_bytes(port, body) for body in bodies()]
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     start = time.monotonic()
@@ -134,18 +148,11 @@ async def load(port: int, seconds: float, connections: int, warmup_s: float) -> 
             sent = time.monotonic()
             if sent >= stop_at:
                 break
-            writer.write(requests[n % len(requests)])
+            status = await exchange(reader, writer, requests[n % len(requests)])
             n += connections
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
             done = time.monotonic()
             if sent >= measure_from:
                 latencies.append(done - sent)
-                status = head[9:12].decode()
                 statuses[status] = statuses.get(status, 0) + 1
         writer.close()
 
@@ -225,39 +232,62 @@ def run_arm(arm: str, bootstrap: str, seconds: float, connections: int, warmup_s
             server.wait()
 
 
+def run(bootstrap: str, seconds: float, rounds: int, connections: Sequence[int],
+        warmup_s: float, arms: Sequence[str] = ("no-kafka", "bridge")) -> dict:
+    """Each arm at each connection count, interleaved round by round; medians and ratios."""
+    from consumer.kafka.admin import ensure_topics
+    from consumer.settings import load_settings
+
+    ensure_topics(load_settings(bootstrap_servers=bootstrap, topic_prefix=TOPIC_PREFIX))
+    runs: dict[int, dict[str, list[dict]]] = {c: {arm: [] for arm in arms} for c in connections}
+    for _ in range(rounds):
+        for count in connections:
+            for arm in arms:
+                runs[count][arm].append(run_arm(arm, bootstrap, seconds, count, warmup_s))
+    result: dict = {"seconds": seconds, "rounds": rounds, "warmup_s": warmup_s, "connections": {}}
+    for count, by_arm in runs.items():
+        rows = {
+            arm: {
+                "runs": results,
+                **{key: median(results, key) for key in
+                   ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_request")},
+            }
+            for arm, results in by_arm.items()
+        }
+        if "no-kafka" in rows:
+            for row in rows.values():
+                row["vs_no_kafka"] = row["rps"] / rows["no-kafka"]["rps"]
+        result["connections"][str(count)] = rows
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", default="32", help="comma-separated counts")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3, help="runs per arm, interleaved; medians shown")
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
     parser.add_argument("--arms", default="no-kafka,bridge,per-report")
     args = parser.parse_args()
-
-    with bench_kafka(args.bootstrap) as bootstrap:
-        from consumer.kafka.admin import ensure_topics
-        from consumer.settings import load_settings
-
-        ensure_topics(load_settings(bootstrap_servers=bootstrap, topic_prefix=TOPIC_PREFIX))
-        arms = args.arms.split(",")
-        print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-              f"{args.connections} connections, {args.rounds} x {args.seconds:.0f} s per arm "
-              f"(interleaved, each after {args.warmup:.0f} s warm-up)")
-        runs: dict[str, list[dict]] = {arm: [] for arm in arms}
-        for _ in range(args.rounds):
-            for arm in arms:
-                runs[arm].append(run_arm(arm, bootstrap, args.seconds, args.connections, args.warmup))
-        print(f"{'arm':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}  "
-              f"(medians; req/s of each round)  statuses")
-        for arm, results in runs.items():
+    connections = [int(c) for c in args.connections.split(",")]
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          f"{args.rounds} x {args.seconds:.0f} s per arm "
+          f"(interleaved, each after {args.warmup:.0f} s warm-up)")
+    with bench_kafka(args.bootstrap) as kafka:
+        result = run(kafka.bootstrap_servers, args.seconds, args.rounds, connections,
+                     args.warmup, args.arms.split(","))
+    print(f"{'conns':>5} {'arm':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}"
+          f"  (medians; req/s of each round)  statuses")
+    for count, rows in result["connections"].items():
+        for arm, row in rows.items():
             statuses: dict[str, int] = {}
-            for r in results:
+            for r in row["runs"]:
                 for status, n in r["statuses"].items():
                     statuses[status] = statuses.get(status, 0) + n
-            each = ", ".join(f"{r['rps']:.0f}" for r in results)
-            print(f"{arm:<11} {median(results, 'rps'):>8.0f} {median(results, 'p50_ms'):>8.2f} "
-                  f"{median(results, 'p99_ms'):>8.2f} {median(results, 'server_cpu_us_per_request'):>11.0f}"
+            each = ", ".join(f"{r['rps']:.0f}" for r in row["runs"])
+            print(f"{count:>5} {arm:<11} {row['rps']:>8.0f} {row['p50_ms']:>8.2f} "
+                  f"{row['p99_ms']:>8.2f} {row['server_cpu_us_per_request']:>11.0f}"
                   f"  ({each})  {statuses}", flush=True)
 
 
@@ -268,7 +298,7 @@ def median(results: list[dict], key: str) -> float:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
-        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        serve(sys.argv[2], int(sys.argv[3]), *sys.argv[4:6])
     elif len(sys.argv) > 1 and sys.argv[1] == "load":
         import uvloop
 
