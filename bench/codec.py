@@ -1,10 +1,13 @@
-"""Codec rate on one core: encode and decode events/s for a mixed batch of all 45 examples.
+"""Codec rate on one core: encode and decode events/s for the workload's mixed batch.
 
-Run: .venv/bin/python -m bench.codec [--seconds 3] [--rounds 5]
+Run alone: .venv/bin/python -m bench.codec [--seconds 3] [--rounds 5]
 
-Side by side, in one run: the project's single-object codec, the Schema Registry framing
-(confluent-kafka's AvroSerializer on the in-memory mock registry), and fastavro with the
-schema parsed per message (what parse-once saves).
+Side by side, in one run, on the same records (``bench.workload``, all 38 EventTypes):
+the project's single-object codec (fastavro, schemas parsed once), the ``avro`` package
+(the Apache reference implementation, schemas parsed once), and confluent-kafka's
+``AvroSerializer``/``AvroDeserializer`` on the in-memory ``mock://`` registry; also fastavro
+with the schema parsed per message (what parse-once saves) and the step before encoding
+(envelope parse, pydantic validation, record dict), for scale.
 """
 
 from __future__ import annotations
@@ -17,26 +20,11 @@ import time
 
 import fastavro
 
+from bench.workload import raw_records
 from consumer.codec import ConfluentCodec, SingleObjectCodec
 from consumer.envelope import parse_envelope
 from consumer.events import models
-from consumer.examples import load_examples
 from consumer.schemas import contract
-
-
-def raw_callbacks() -> list[bytes]:
-    bodies = []
-    for number, example in enumerate(load_examples()):
-        body = {
-            "EventType": example.event_type,
-            "EventData": json.dumps(example.event_data),
-            "EventTime": "2024-05-01T12:00:00+08:00",
-            "EventId": f"bench-{number}",
-            "AppId": "bench",
-            "Version": example.version,
-        }
-        bodies.append(json.dumps(body).encode())
-    return bodies
 
 
 def rate(work, batch, seconds: float) -> float:
@@ -48,40 +36,68 @@ def rate(work, batch, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def interleaved(contenders: dict, seconds: float, rounds: int) -> dict[str, float]:
-    """Each contender runs a slice per round, in turn, so noise hits all alike; the median
-    of the rounds is reported."""
+def interleaved(contenders: dict, seconds: float, rounds: int) -> dict[str, list[float]]:
+    """Each contender runs a slice per round, in turn, so noise hits all alike."""
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, (work, batch) in contenders.items():
             rates[name].append(rate(work, batch, seconds / rounds))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=3.0, help="per contender, in all")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    seconds, rounds = args.seconds, args.rounds
-    bodies = raw_callbacks()
+def avro_package_codec():
+    """Encode and decode with the ``avro`` package, schemas parsed once."""
+    import avro.io
+    import avro.schema
+
+    schemas = {name: avro.schema.parse(s.schema_json) for name, s in contract().items()}
+    writers = {name: avro.io.DatumWriter(schema) for name, schema in schemas.items()}
+    readers = {name: avro.io.DatumReader(schema) for name, schema in schemas.items()}
+
+    def encode(item) -> bytes:
+        name, record = item
+        buffer = io.BytesIO()
+        writers[name].write(record, avro.io.BinaryEncoder(buffer))
+        return buffer.getvalue()
+
+    def decode(item) -> dict:
+        name, data = item
+        return readers[name].read(avro.io.BinaryDecoder(io.BytesIO(data)))
+
+    return encode, decode
+
+
+def run(seconds: float, rounds: int, events: int = 2000) -> dict:
+    """Events/s of every contender (medians of the rounds) and the ratio to the project's codec."""
+    bodies = [record.body for record in raw_records(events, prefix="codec")]
     batch = [models().to_record(parse_envelope(body)) for body in bodies]
     single = SingleObjectCodec(contract())
     confluent = ConfluentCodec(contract(), "mock://bench")
+    avro_encode, avro_decode = avro_package_codec()
     encoded_single = [single.encode(name, record) for name, record in batch]
+    # The avro package wants a record exactly as the schema says (no unknown keys, datetimes
+    # for timestamp-millis): what a decoder returns.
+    avro_batch = [(name, single.decode(data)) for (name, _), data in zip(batch, encoded_single)]
     encoded_confluent = [confluent.encode(name, record, "bench") for name, record in batch]
+    encoded_avro = [(name, avro_encode((name, record))) for name, record in avro_batch]
 
     def reparse_encode(item):
         name, record = item
         schema = fastavro.parse_schema(dict(contract()[name].schema))
         fastavro.schemaless_writer(io.BytesIO(), schema, record)
 
-    rows = interleaved(
+    rates = interleaved(
         {
-            "single-object encode": (lambda i: single.encode(*i), batch),
-            "single-object decode": (single.decode, encoded_single),
-            "registry framing encode": (lambda i: confluent.encode(i[0], i[1], "bench"), batch),
-            "registry framing decode": (lambda b: confluent.decode(b, "bench"), encoded_confluent),
+            "rtcbus codec encode": (lambda i: single.encode(*i), batch),
+            "rtcbus codec decode": (single.decode, encoded_single),
+            "avro package encode": (avro_encode, avro_batch),
+            "avro package decode": (avro_decode, encoded_avro),
+            "confluent AvroSerializer encode": (
+                lambda i: confluent.encode(i[0], i[1], "bench"), batch
+            ),
+            "confluent AvroDeserializer decode": (
+                lambda b: confluent.decode(b, "bench"), encoded_confluent
+            ),
             "fastavro, schema parsed per message, encode": (reparse_encode, batch),
             "envelope + model (parse, validate, to_record)": (
                 lambda body: models().to_record(parse_envelope(body)), bodies
@@ -90,10 +106,23 @@ def main() -> None:
         seconds,
         rounds,
     )
-    base = rows["single-object encode"]
-    print(f"{'codec':48} {'events/s':>12} {'vs single-object encode':>24}")
-    for name, value in rows.items():
-        print(f"{name:48} {value:12,.0f} {value / base:23.2f}x")
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    rows = {}
+    for name, value in medians.items():
+        base = medians["rtcbus codec decode" if "decode" in name else "rtcbus codec encode"]
+        rows[name] = {"events_per_s": value, "rounds": rates[name], "vs_rtcbus": value / base}
+    return {"events": events, "seconds": seconds, "rounds": rounds, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per contender, in all")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    result = run(args.seconds, args.rounds)
+    print(f"{'codec':48} {'events/s':>12} {'vs rtcbus codec':>16}")
+    for name, row in result["rows"].items():
+        print(f"{name:48} {row['events_per_s']:12,.0f} {row['vs_rtcbus']:15.2f}x")
 
 
 if __name__ == "__main__":
