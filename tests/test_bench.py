@@ -1,5 +1,6 @@
-"""The benchmarks still start and produce figures (CI runs this smoke test, not the benchmarks)."""
+"""The benchmarks still start and produce figures (CI runs these smoke tests, not the benchmarks)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -7,25 +8,42 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).parents[1]
+
 
 def test_codec_bench_runs_and_reports_every_contender():
     result = subprocess.run(
         [sys.executable, "-m", "bench.codec", "--seconds", "0.3", "--rounds", "1"],
-        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     rows = re.findall(r"^(.+?)\s+([\d,]+)\s+([\d.]+)x$", result.stdout, re.MULTILINE)
-    assert len(rows) == 6, result.stdout
+    assert len(rows) == 8, result.stdout
     assert all(int(rate.replace(",", "")) > 0 for _, rate, _ in rows)
 
 
 @pytest.mark.kafka
-def test_router_bench_runs_against_a_broker(kafka):
+def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "bench.router", "--events", "300", "--rounds", "1",
-         "--intervals", "100", "--bootstrap", kafka.bootstrap_servers],
-        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "bench", "--smoke", "--bootstrap", kafka.bootstrap_servers,
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (row,) = re.findall(r"^\s+100 ms\s+([\d,]+)\s+1\.00x", result.stdout, re.MULTILINE)
-    assert int(row.replace(",", "")) > 0
+    (path,) = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())
+
+    assert results["mode"] == "smoke"
+    assert results["machine"]["versions"]["librdkafka"]
+    assert len(results["workload"]["weights_pct"]) == 38
+    for section in ("codec", "router", "shim", "latency"):
+        assert "error" not in results[section], results[section].get("traceback")
+    assert all(row["events_per_s"] > 0 for row in results["codec"]["rows"].values())
+    arms = results["router"]["arms"]
+    for name in ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook"):
+        assert arms[name]["status"] == "ok" and arms[name]["events_per_s"] > 0, arms[name]
+    assert arms["quix"]["status"] == "not run in smoke mode"
+    for rows in results["shim"]["connections"].values():
+        assert {row["runs"][0]["statuses"].get("200", 0) > 0 for row in rows.values()} == {True}
+    (run,) = results["latency"]["runs"].values()
+    assert run["received"] == run["ok"] > 0 and run["p99_ms"] > 0

@@ -1,0 +1,137 @@
+"""The benchmark suite of issue 5, in one command.
+
+Run: .venv/bin/python -m bench [--full | --smoke] [--bootstrap HOST:PORT] [--out DIR]
+(``make bench`` installs the ``bench`` extra and the Quix virtualenv, then runs the quick suite.)
+
+Sections, each a module with a function returning plain dicts: codec (``bench.codec``),
+router throughput against four contenders (``bench.router``), shim throughput and latency
+(``bench.shim_bridge``), end-to-end latency by commit interval (``bench.latency``), and in
+full mode RSS over a 10-minute sustained run. Without ``--bootstrap`` a local Kafka is
+started for the run and stopped afterwards. Writes ``<out>/<date>.json`` (raw figures,
+machine, versions, targets met) and, except in smoke mode, PNG plots next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import codec, latency, report, router, shim_bridge
+from bench.broker import bench_kafka
+from bench.workload import raw_records, weights
+
+# Sizes per mode. Quick must finish in under 5 minutes on 2 shared cores, smoke in seconds.
+PROFILES = {
+    "smoke": {
+        "codec": {"seconds": 0.2, "rounds": 1, "events": 200},
+        "router": {"events": 300, "rounds": 1, "arms": ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook")},
+        "intervals_drain": (),
+        "shim": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5},
+        "latency": {"rate": 200, "seconds": 2, "intervals": (100,)},
+        "memory_s": 0,
+    },
+    "quick": {
+        "codec": {"seconds": 3, "rounds": 3, "events": 2000},
+        "router": {"events": 15000, "rounds": 2, "arms": tuple(a.name for a in router.ARMS)},
+        "intervals_drain": (20, 500),
+        "shim": {"seconds": 3, "rounds": 2, "connections": (64, 256), "warmup_s": 1},
+        "latency": {"rate": 2000, "seconds": 12, "intervals": (20, 100, 500)},
+        "memory_s": 0,
+    },
+    "full": {
+        "codec": {"seconds": 5, "rounds": 5, "events": 2000},
+        "router": {"events": 100000, "rounds": 3, "arms": tuple(a.name for a in router.ARMS)},
+        "intervals_drain": (20, 500, 1000),
+        "shim": {"seconds": 10, "rounds": 3, "connections": (64, 256), "warmup_s": 2},
+        "latency": {"rate": 2000, "seconds": 60, "intervals": (20, 100, 500, 1000)},
+        "memory_s": 600,
+    },
+}
+
+
+def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
+    sizes = PROFILES[mode]
+    started = time.monotonic()
+    results: dict = {
+        "mode": mode,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": report.machine(kafka_version),
+        "workload": {"weights_pct": weights()},
+    }
+
+    def section(name: str, work: Callable[[], dict]) -> None:
+        print(f"== {name}", flush=True)
+        begun = time.monotonic()
+        try:
+            results[name] = work()
+        except Exception as exc:  # one broken section must not lose the others' figures
+            results[name] = {"error": f"{type(exc).__name__}: {exc}",
+                             "traceback": traceback.format_exc()}
+        results[name]["section_s"] = time.monotonic() - begun
+
+    section("codec", lambda: codec.run(**sizes["codec"]))
+    records = raw_records(sizes["router"]["events"])
+    arms = [a for a in router.ARMS if a.name in sizes["router"]["arms"]]
+
+    def router_section() -> dict:
+        result = router.run(bootstrap, len(records), sizes["router"]["rounds"], arms, records)
+        for arm in router.ARMS:
+            if arm not in arms:
+                result["arms"][arm.name] = {"status": f"not run in {mode} mode"}
+        return result
+
+    section("router", router_section)
+    section("shim", lambda: shim_bridge.run(bootstrap, **sizes["shim"]))
+
+    def latency_section() -> dict:
+        lat = sizes["latency"]
+        runs = {
+            str(interval): latency.run(bootstrap, lat["rate"], lat["seconds"], interval)
+            for interval in lat["intervals"]
+        }
+        throughput = {}
+        if sizes["intervals_drain"]:
+            throughput = router.by_commit_interval(
+                bootstrap, sizes["intervals_drain"], 1, records
+            )
+        eos = results.get("router", {}).get("arms", {}).get("rtcbus-eos", {})
+        if "events_per_s" in eos:  # the 100 ms figure is the comparison's
+            throughput["100"] = {"runs": eos["runs"], "events_per_s": eos["events_per_s"]}
+        return {"runs": runs, "throughput": throughput}
+
+    section("latency", latency_section)
+    if sizes["memory_s"]:
+        section("memory", lambda: latency.run(
+            bootstrap, sizes["latency"]["rate"], sizes["memory_s"], 100, rss_every_s=5))
+    # Smoke sizes are far too small for ratios to mean anything.
+    results["targets"] = report.targets(results) if mode != "smoke" else []
+    results["elapsed_s"] = time.monotonic() - started
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="the long version (about 40 minutes)")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes, no plots (CI)")
+    parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    chosen = "full" if args.full else "smoke" if args.smoke else "quick"
+    out = Path(args.out)
+    with bench_kafka(args.bootstrap) as kafka:
+        results = run_all(chosen, kafka.bootstrap_servers, kafka.version)
+    if chosen != "smoke":
+        from bench.plots import plot
+
+        results["plots"] = [str(p.name) for p in plot(results, out)]
+    path = report.write(results, out)
+    print(report.tables(results))
+    print(f"\nwritten: {path} ({results['elapsed_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Where a router arm spends its time: py-spy on one drain, the top frames summed.
+
+Run: .venv/bin/python -m bench.profile [--arm rtcbus-eos] [--events 20000] [--bootstrap HOST:PORT]
+
+Fills a fresh raw topic as ``bench.router`` does, then records the arm's process with py-spy
+(``pip install py-spy``; sampling at 200 Hz, idle time included) while it drains, and prints
+the functions by own time and by total time (own plus callees), threads summed. The raw folded stacks are
+written next to the results, for a flame graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.router import ARMS, PARTITIONS, arm_settings, committed, fill, terminate
+from bench.workload import raw_records
+from consumer.kafka.admin import ensure_topics
+
+
+def profile(bootstrap: str, arm_name: str, events: int, out: Path) -> dict:
+    """Folded stacks of ``arm_name`` draining ``events`` records, and their top frames."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    arm = next(a for a in ARMS if a.name == arm_name)
+    settings = arm_settings(bootstrap, arm)
+    ensure_topics(settings)
+    fill(settings, raw_records(events))
+    overrides = {
+        "bootstrap_servers": bootstrap, "topic_prefix": settings.topic_prefix,
+        "partitions": PARTITIONS, "group_id": settings.group_id, "metrics_port": 0,
+        **arm.overrides,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.contender", arm.contender, json.dumps(overrides)]
+    )
+    spy = subprocess.Popen([
+        py_spy, "record", "--rate", "200", "--format", "raw", "--output", str(out),
+        "--nonblocking", "--idle", "--pid", str(process.pid),
+    ])
+    from confluent_kafka import Consumer, TopicPartition
+
+    watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": settings.group_id})
+    raw = [TopicPartition(settings.raw_topic, p) for p in range(PARTITIONS)]
+    try:
+        deadline = time.monotonic() + 300
+        while committed(watcher, raw) < events and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        watcher.close()
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+        spy.wait(timeout=30)
+        terminate(process)
+    return top_frames(out)
+
+
+def top_frames(folded: Path, count: int = 15) -> dict:
+    """Frames by share of the samples: own (the frame on top) and total (anywhere on the stack)."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in folded.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        frames = stack.split(";")
+        n = int(number)
+        samples += n
+        functions = [frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0] + ")"
+                     for frame in frames]  # by function: the line numbers dropped
+        own[functions[-1]] += n
+        for function in set(functions):
+            total[function] += n
+    share = lambda counter: [(f, round(100 * n / samples, 1)) for f, n in counter.most_common(count)]
+    return {"samples": samples, "own_pct": share(own), "total_pct": share(total)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arm", default="rtcbus-eos")
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--out", default="bench/results/profile-rtcbus.txt")
+    parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
+    args = parser.parse_args()
+    from bench.broker import bench_kafka
+
+    with bench_kafka(args.bootstrap) as kafka:
+        result = profile(kafka.bootstrap_servers, args.arm, args.events, Path(args.out))
+    print(f"{result['samples']} samples")
+    for title in ("own_pct", "total_pct"):
+        print(f"\n{title}:")
+        for frame, pct in result[title]:
+            print(f"{pct:6.1f}%  {frame}")
+
+
+if __name__ == "__main__":
+    main()

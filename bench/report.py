@@ -1,0 +1,149 @@
+"""The results of a run: machine and versions, the targets of issue 5, the JSON file, a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("rtcbus", "confluent-kafka", "fastavro", "pydantic", "starlette", "uvicorn", "avro")
+
+
+def machine(kafka_version: str | None) -> dict:
+    """CPU count, load, Python, and the versions the figures depend on."""
+    import confluent_kafka
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["librdkafka"] = confluent_kafka.libversion()[0]
+    versions["kafka"] = kafka_version
+    from bench import quix_app
+
+    versions["quixstreams"] = _quix_version(quix_app.interpreter())
+    return {
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": versions,
+    }
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target of issue 5 with the figure of this run and whether it was met (None: the
+    figure is missing, e.g. an arm not run)."""
+    router = results.get("router", {}).get("ratios", {})
+    shim = results.get("shim", {}).get("connections", {})
+    e2e = results.get("latency", {}).get("runs", {}).get("100", {})
+
+    def target(name: str, value: float | None, goal: float, at_most: bool = False) -> dict:
+        met = None if value is None else (value <= goal if at_most else value >= goal)
+        return {"target": name, "value": value, "goal": goal, "met": met}
+
+    alo = router.get("rtcbus-eos / rtcbus-alo")
+    shim_ratios = [rows["bridge"]["vs_no_kafka"] for rows in shim.values() if "bridge" in rows]
+    return [
+        target("router exactly-once / passthrough ceiling >=", router.get("rtcbus-eos / passthrough"), 0.60),
+        target("router / textbook >=", router.get("rtcbus-eos / textbook"), 3.0),
+        target("router / Quix Streams >=", router.get("rtcbus-eos / quix"), 2.0),
+        target("exactly-once cost vs at-least-once (1 - eos/alo) <=",
+               None if alo is None else 1 - alo, 0.15, at_most=True),
+        target("shim / no-Kafka ceiling (worst connection count) >=",
+               min(shim_ratios) if shim_ratios else None, 0.50),
+        target("end-to-end p99 ms at 2,000 events/s, 100 ms commit interval <=",
+               e2e.get("p99_ms"), 250, at_most=True),
+    ]
+
+
+def write(results: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{datetime.now():%Y-%m-%d}.json"
+    if path.exists():  # a second run on the same day keeps the first
+        path = out_dir / f"{datetime.now():%Y-%m-%d-%H%M%S}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path
+
+
+def tables(results: dict) -> str:
+    """The figures as Markdown tables, for bench/README.md and the console."""
+    lines: list[str] = []
+    router = results.get("router", {})
+    if "arms" in router:
+        lines += ["| router contender | events/s (median) | vs passthrough | vs rtcbus EOS | each round |",
+                  "|---|---:|---:|---:|---|"]
+        for name, arm in router["arms"].items():
+            if arm["status"] != "ok":
+                lines.append(f"| {name} | {arm['status']} | | | |")
+                continue
+            each = ", ".join(f"{r['events_per_s']:,.0f}" for r in arm["runs"])
+            lines.append(f"| {name} | {arm['events_per_s']:,.0f} | {arm.get('vs_passthrough', 0):.2f}x "
+                         f"| {arm.get('vs_rtcbus_eos', 0):.2f}x | {each} |")
+        lines.append("")
+    shim = results.get("shim", {})
+    if "connections" in shim:
+        lines += ["| shim arm | connections | req/s | vs no-Kafka | p50 ms | p99 ms | server CPU µs/req |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for count, rows in shim["connections"].items():
+            for arm, row in rows.items():
+                lines.append(f"| {arm} | {count} | {row['rps']:,.0f} | {row.get('vs_no_kafka', 0):.2f}x "
+                             f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
+                             f"| {row['server_cpu_us_per_request']:.0f} |")
+        lines.append("")
+    latency = results.get("latency", {})
+    if "runs" in latency:
+        lines += ["| commit interval | rate asked / achieved | received | p50 ms | p99 ms | max ms | router EOS drain events/s |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        drains = latency.get("throughput", {})
+        for interval, run in latency["runs"].items():
+            drain = drains.get(interval, {}).get("events_per_s")
+            lines.append(
+                f"| {interval} ms | {run['rate']:,.0f} / {run['achieved_rate']:,.0f} "
+                f"| {run['received']:,} of {run['ok']:,} | {_ms(run['p50_ms'])} | {_ms(run['p99_ms'])} "
+                f"| {_ms(run['max_ms'])} | {'' if drain is None else f'{drain:,.0f}'} |")
+        lines.append("")
+    memory = results.get("memory", {})
+    if "rss_flat" in memory:
+        lines += ["| process | RSS after warm-up MB | RSS at the end MB | growth MB | flat |",
+                  "|---|---:|---:|---:|---|"]
+        for proc, verdict in memory["rss_flat"].items():
+            if verdict.get("judged"):
+                lines.append(f"| {proc} | {verdict['start_mb']:.1f} | {verdict['end_mb']:.1f} "
+                             f"| {verdict['growth_mb']:+.1f} | {'yes' if verdict['flat'] else 'no'} |")
+        lines.append("")
+    codec = results.get("codec", {})
+    if "rows" in codec:
+        lines += ["| codec | events/s | vs rtcbus codec |", "|---|---:|---:|"]
+        for name, row in codec["rows"].items():
+            lines.append(f"| {name} | {row['events_per_s']:,.0f} | {row['vs_rtcbus']:.2f}x |")
+        lines.append("")
+    if results.get("targets"):
+        lines += ["| target | this run | goal | met |", "|---|---:|---:|---|"]
+        for t in results["targets"]:
+            met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+            value = "" if t["value"] is None else f"{t['value']:.2f}"
+            lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} |")
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:,.0f}"
+
+
+def _quix_version(python: Path | None) -> str | None:
+    if python is None:
+        return None
+    import subprocess
+
+    found = subprocess.run(
+        [str(python), "-c", "from importlib.metadata import version; print(version('quixstreams'), version('confluent-kafka'))"],
+        capture_output=True, text=True, timeout=60,
+    )
+    return found.stdout.strip().replace(" ", " with confluent-kafka ") or None
