@@ -42,8 +42,14 @@ PERCENTILES = [i / 100 for i in range(1, 100)] + [0.995, 0.999]
 
 
 def run(bootstrap: str, rate: float, seconds: float, commit_interval_ms: int = 100,
-        connections: int = 64, rss_every_s: float = 1.0) -> dict:
-    """One fixed-rate run: latency percentiles and the RSS of shim and router over time."""
+        connections: int = 64, rss_every_s: float = 1.0,
+        dedupe_window_s: float | None = None) -> dict:
+    """One fixed-rate run: latency percentiles and the RSS of shim and router over time.
+
+    ``dedupe_window_s`` (default: the router's, 15 minutes) bounds the EventIds the router
+    keeps: its RSS grows until the window is full, so a memory run shorter than the window
+    must shorten it to see whether RSS levels off.
+    """
     name = uuid.uuid4().hex[:8]
     settings = load_settings(
         bootstrap_servers=bootstrap, topic_prefix=f"e2e{name}", partitions=3,
@@ -54,7 +60,7 @@ def run(bootstrap: str, rate: float, seconds: float, commit_interval_ms: int = 1
     router = subprocess.Popen([sys.executable, "-m", "bench.contender", "rtcbus", json.dumps({
         "bootstrap_servers": bootstrap, "topic_prefix": settings.topic_prefix, "partitions": 3,
         "group_id": settings.group_id, "commit_interval_ms": commit_interval_ms,
-        "metrics_port": 0,
+        "metrics_port": 0, "dedupe_window_s": dedupe_window_s,
     })])
     shim = subprocess.Popen([sys.executable, "-m", "bench.shim_bridge", "serve", "bridge",
                              str(port), bootstrap, settings.topic_prefix])
@@ -82,7 +88,7 @@ def run(bootstrap: str, rate: float, seconds: float, commit_interval_ms: int = 1
     latencies = sorted(reader.latencies_ms)
     return {
         "rate": rate, "seconds": seconds, "commit_interval_ms": commit_interval_ms,
-        "connections": connections, **sent, "received": len(latencies),
+        "dedupe_window_s": dedupe_window_s, "connections": connections, **sent, "received": len(latencies),
         "achieved_rate": sent["sent"] / sent["elapsed_s"],
         "p50_ms": _pct(latencies, 0.50), "p99_ms": _pct(latencies, 0.99),
         "max_ms": latencies[-1] if latencies else None,
