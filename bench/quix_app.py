@@ -36,8 +36,8 @@ def run(settings: Settings, stop: threading.Event) -> None:
     import fastavro
     from quixstreams import Application
 
+    from bench.workload import domain_record
     from consumer.codec import SINGLE_OBJECT_MAGIC
-    from consumer.envelope import parse_event_time
     from consumer.events import models
     from consumer.routing import RoutingTable
     from consumer.schemas import contract
@@ -62,21 +62,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
     }
 
     def to_domain_record(envelope: dict) -> dict:
-        event_type = envelope["EventType"]
-        event = event_models[event_type].model_validate(
-            {
-                "EventId": envelope["EventId"],
-                "EventType": event_type,
-                "EventTime": parse_event_time(envelope["EventTime"]),
-                "AppId": envelope["AppId"],
-                "Version": envelope["Version"],
-                "EventData": json.loads(envelope["EventData"]),
-                "Source": None,
-            }
-        )
-        record = event.model_dump()
-        record["ExtraFields"] = {}
-        return record
+        return domain_record(envelope, event_models)
 
     def to_avro(record: dict) -> bytes:
         schema = schemas[record["EventType"]]

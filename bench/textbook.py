@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, SerializingProducer
 
+from bench.workload import domain_record
 from consumer.events import models
 from consumer.kafka.config import consumer_config, producer_config
 from consumer.routing import RoutingTable
@@ -56,21 +56,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
                     raise KafkaException(message.error())
                 envelope = json.loads(message.value())
                 event_type = envelope["EventType"]
-                event = event_models[event_type].model_validate(
-                    {
-                        "EventId": envelope["EventId"],
-                        "EventType": event_type,
-                        "EventTime": int(
-                            datetime.fromisoformat(envelope["EventTime"]).timestamp() * 1000
-                        ),
-                        "AppId": envelope["AppId"],
-                        "Version": envelope["Version"],
-                        "EventData": json.loads(envelope["EventData"]),
-                        "Source": None,
-                    }
-                )
-                record = event.model_dump()
-                record["ExtraFields"] = {}
+                record = domain_record(envelope, event_models)
                 producer.produce(routing.route(event_type).topic, key=message.key(), value=record)
                 producer.poll(0)
             producer.flush()

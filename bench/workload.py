@@ -123,3 +123,28 @@ def _accumulate(values: Iterator[float]) -> Iterator[float]:
     for value in values:
         total += value
         yield total
+
+
+def domain_record(envelope: dict, event_models: Mapping) -> dict:
+    """The Avro record of a JSON-decoded callback, the plain way: validate the whole envelope,
+    EventData parsed, into the EventType's pydantic model, then dump it (the textbook and
+    Quix arms share it, so they differ from each other only in their framework)."""
+    import json
+
+    from consumer.envelope import parse_event_time
+
+    event_type = envelope["EventType"]
+    event = event_models[event_type].model_validate(
+        {
+            "EventId": envelope["EventId"],
+            "EventType": event_type,
+            "EventTime": parse_event_time(envelope["EventTime"]),
+            "AppId": envelope["AppId"],
+            "Version": envelope["Version"],
+            "EventData": json.loads(envelope["EventData"]),
+            "Source": None,
+        }
+    )
+    record = event.model_dump()
+    record["ExtraFields"] = {}
+    return record
