@@ -93,6 +93,8 @@ def run(bootstrap: str, rate: float, seconds: float, commit_interval_ms: int = 1
         "p50_ms": _pct(latencies, 0.50), "p99_ms": _pct(latencies, 0.99),
         "max_ms": latencies[-1] if latencies else None,
         "cdf_ms": {f"{p:g}": _pct(latencies, p) for p in PERCENTILES},
+        "stages_p50_ms": _stages(reader.stages_ms, 0.50),
+        "stages_p99_ms": _stages(reader.stages_ms, 0.99),
         "rss_mb": sampler.samples,
         "rss_flat": {proc: flat(samples) for proc, samples in sampler.samples.items()},
     }
@@ -122,6 +124,8 @@ class Reader:
         })
         self._topics = RoutingTable.from_settings(settings).topics()
         self.latencies_ms: list[float] = []
+        # per record: (scheduled → the router produced it, produced → readable here), in ms
+        self.stages_ms: list[tuple[float, float]] = []
         self.warm = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -140,7 +144,13 @@ class Reader:
 
     def _read(self) -> None:
         while not self._stop.is_set():
-            for message in self._consumer.consume(1000, timeout=0.05):
+            # Not consume(1000, timeout): it returns early only with 1000 records, so at a low
+            # rate it would hold each record until the timeout and count that as latency.
+            messages = self._consumer.consume(1000, timeout=0)
+            if not messages:
+                first = self._consumer.poll(0.05)
+                messages = [first] if first is not None else []
+            for message in messages:
                 if message.error() is not None:
                     continue
                 now_ns = time.time_ns()
@@ -148,6 +158,9 @@ class Reader:
                 kind, scheduled_ns, _ = event_id.split("-", 2)
                 if kind == "e2e":
                     self.latencies_ms.append((now_ns - int(scheduled_ns)) / 1e6)
+                    produced_ms = message.timestamp()[1]  # CreateTime: when the router produced it
+                    self.stages_ms.append((produced_ms - int(scheduled_ns) / 1e6,
+                                           now_ns / 1e6 - produced_ms))
                 else:
                     self.warm += 1
 
@@ -201,6 +214,17 @@ def _warm_up(port: int, reader: Reader, router: subprocess.Popen, count: int = 2
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {reader.warm} of {count} warm-up callbacks came through")
         time.sleep(0.05)
+
+
+def _stages(stages: list[tuple[float, float]], p: float) -> dict:
+    """Where the time goes, at percentile ``p`` of each stage on its own: from the scheduled
+    POST to the router's produce (load generator, shim, raw topic, router's consume and
+    work), and from that produce to the record being readable (the transaction's commit,
+    the reader's fetch)."""
+    return {
+        "to_router_produce": _pct(sorted(s[0] for s in stages), p),
+        "produce_to_readable": _pct(sorted(s[1] for s in stages), p),
+    }
 
 
 def _pct(values: list[float], p: float) -> float | None:

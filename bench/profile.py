@@ -1,9 +1,9 @@
 """Where a router arm spends its time: py-spy on one drain, the top frames summed.
 
-Run: .venv/bin/python -m bench.profile [--arm rtcbus-eos] [--events 20000] [--bootstrap HOST:PORT]
+Run: .venv/bin/python -m bench.profile [--arm rtcbus-eos] [--events 20000] [--cpu] [--bootstrap HOST:PORT]
 
 Fills a fresh raw topic as ``bench.router`` does, then records the arm's process with py-spy
-(``pip install py-spy``; sampling at 200 Hz, idle time included) while it drains, and prints
+(``pip install py-spy``; sampling at 200 Hz, idle time included unless ``--cpu``) while it drains, and prints
 the functions by own time and by total time (own plus callees), threads summed. The raw folded stacks are
 written next to the results, for a flame graph.
 """
@@ -25,7 +25,7 @@ from bench.workload import raw_records
 from consumer.kafka.admin import ensure_topics
 
 
-def profile(bootstrap: str, arm_name: str, events: int, out: Path) -> dict:
+def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = True) -> dict:
     """Folded stacks of ``arm_name`` draining ``events`` records, and their top frames."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     arm = next(a for a in ARMS if a.name == arm_name)
@@ -43,7 +43,7 @@ def profile(bootstrap: str, arm_name: str, events: int, out: Path) -> dict:
     )
     spy = subprocess.Popen([
         py_spy, "record", "--rate", "200", "--format", "raw", "--output", str(out),
-        "--nonblocking", "--idle", "--pid", str(process.pid),
+        "--nonblocking", *(["--idle"] if idle else []), "--pid", str(process.pid),
     ])
     from confluent_kafka import Consumer, TopicPartition
 
@@ -86,11 +86,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--out", default="bench/results/profile-rtcbus.txt")
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
+    parser.add_argument("--cpu", action="store_true", help="on-CPU samples only (no idle time)")
     args = parser.parse_args()
     from bench.broker import bench_kafka
 
     with bench_kafka(args.bootstrap) as kafka:
-        result = profile(kafka.bootstrap_servers, args.arm, args.events, Path(args.out))
+        result = profile(kafka.bootstrap_servers, args.arm, args.events, Path(args.out),
+                         idle=not args.cpu)
     print(f"{result['samples']} samples")
     for title in ("own_pct", "total_pct"):
         print(f"\n{title}:")

@@ -6,9 +6,16 @@ topic, all inside one Kafka transaction that also carries the consumed offsets a
 dedupe markers. The transaction commits every ``commit_max_records`` records or
 ``commit_interval_ms``, whichever comes first.
 
+A commit is a round trip to the transaction coordinator and back through every partition
+leader, during which the producer takes no records. So that the loop does not sit idle
+for it, the commit runs in a thread of its own while the loop goes on with the next
+records: it parses, deduplicates, validates and encodes them into an outbox, which is
+produced into the next transaction as soon as the commit is through (or dropped, with a
+rewind, if it failed). At most ``commit_max_records`` records wait in the outbox.
+
 With ``exactly_once`` off, the same loop runs without transactions: at each commit point it
 flushes its output, then commits the consumer offsets, so a crash between the two duplicates
-what was flushed (at-least-once). It exists for users who accept that, and as the
+what was flushed (at-least-once). It commits in the loop's own thread. It exists for users who accept that, and as the
 benchmark's measure of what transactions cost.
 
 Failure handling follows librdkafka's transactional contract:
@@ -28,6 +35,7 @@ a rebalance callback ran, and committing past them would lose them.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -60,6 +68,7 @@ _TXN_TIMEOUT_S = 30.0  # the producer's transaction.timeout.ms, and the deadline
 _ATTEMPT_S = 5.0  # one attempt of a transactional call: short enough to notice a stop
 _GRACE_S = 5.0  # how long past its own timeout a librdkafka call may take before it is stuck
 _RESTORE_TIMEOUT_S = 60.0
+_MARKERS_PER_RECORD = 1000  # EventIds per dedupe marker record: ~60 kB at most
 
 # Errors of a metadata or offsets lookup that a broker restart causes and a retry cures.
 _TRANSIENT_LOOKUP_ERRORS = frozenset(
@@ -113,6 +122,16 @@ class RouterMetrics:
             "rtcbus_router_consumer_lag", "Records behind the raw topic's end", ["partition"],
             registry=registry,
         )
+        # Labelled children by label values: ``labels()`` takes a lock and builds a key on
+        # every call, which per record is a measurable share of the loop.
+        self._children: dict[tuple[Counter, tuple[str, ...]], Any] = {}
+
+    def inc(self, counter: Counter, *labels: str) -> None:
+        """``counter.labels(*labels).inc()``, with the child looked up once."""
+        child = self._children.get((counter, labels))
+        if child is None:
+            child = self._children[(counter, labels)] = counter.labels(*labels)
+        child.inc()
 
 
 class Router:
@@ -146,7 +165,11 @@ class Router:
         # generation sent with the offsets (KIP-447), so ids need not follow partitions.
         self._transactions = settings.exactly_once
         self._delivery_errors: list[KafkaError] = []
-        self._pending_markers: list[dict[str, Any]] = []
+        # EventIds written since the last commit point, by raw partition, with their raw
+        # timestamps: they go to the dedupe changelog at the commit, a record per partition.
+        self._markers: dict[int, list[tuple[str, int]]] = {}
+        self._outbox: list[tuple[str, bytes | None, dict[str, Any]]] = []
+        self._committing: _Commit | None = None  # the commit under way in its own thread
         self._producer = self._new_producer()
         self._restorer = Consumer(
             {
@@ -212,7 +235,7 @@ class Router:
         try:
             while not stop.is_set():
                 rewound = self._rewound
-                messages = self._consumer.consume(batch_size, timeout=min(interval_s, 0.1))
+                messages = self._next_batch(batch_size, wait_s=min(interval_s, 0.1))
                 if self._rewound != rewound:
                     # An abort inside consume() rewound the partitions; what this batch
                     # holds may predate the rewind, so it is fetched again.
@@ -220,13 +243,15 @@ class Router:
                     continue
                 for message in messages:
                     self._route(message)
-                if self._in_transaction and (
+                # The commit under way holds back the next transaction until it is through;
+                # a full outbox waits for it.
+                self._settle_commit(wait=len(self._outbox) >= settings.commit_max_records)
+                if self._in_transaction and self._committing is None and (
                     self._transaction_records >= settings.commit_max_records
                     or time.monotonic() - self._transaction_started >= interval_s
                 ):
-                    self._commit()
-            if self._in_transaction:
-                self._commit()
+                    self._start_commit()
+            self._commit()
         except BaseException:
             # Leaving the group below calls on_revoke: it must not commit half-done work.
             self._failed = True
@@ -235,6 +260,21 @@ class Router:
             self._consumer.close()
             self._restorer.close()
             self._producer.flush(10)
+
+    def _next_batch(self, size: int, wait_s: float) -> list[Message]:
+        """Up to ``size`` records: those already fetched, at once; else the first to arrive
+        within ``wait_s``, with any that came with it.
+
+        Not ``consume(size, wait_s)`` alone: it returns early only with ``size`` records, so
+        at a low rate it would hold every record for the whole ``wait_s``.
+        """
+        messages = self._consumer.consume(size, timeout=0)
+        if messages:
+            return messages
+        first = self._consumer.poll(wait_s)
+        if first is None:
+            return []
+        return [first, *self._consumer.consume(size - 1, timeout=0)]
 
     def _route(self, message: Message) -> None:
         """One raw record → one domain record (or a DLQ record, or nothing if a duplicate)."""
@@ -255,7 +295,7 @@ class Router:
             if message.value() is None:
                 raise ValidationError("raw record has no value")
             envelope = parse_envelope(message.value())
-            self.metrics.records_in.labels(envelope.event_type).inc()
+            self.metrics.inc(self.metrics.records_in, envelope.event_type)
             if self._dedupe.seen(partition, envelope.event_id):
                 self.metrics.duplicates.inc()
                 return
@@ -287,17 +327,11 @@ class Router:
                 ("rtcbus.schema", self._codec.schema_id(schema_name, route.topic).encode()),
             ],
         )
-        # The marker shares the raw record's partition number and timestamp, so the window
+        # The marker keeps the raw record's partition number and timestamp, so the window
         # can be rebuilt per partition, on the raw topic's clock.
-        marker = {"key": envelope.event_id.encode(), "partition": partition, "timestamp": timestamp}
-        if self._transactions:
-            self._produce(self._dedupe_topic, b"", **marker)
-        else:
-            # Without a transaction a marker must not reach Kafka before its record does, or
-            # a crash in between would make the restored window drop a record never written.
-            self._pending_markers.append(marker)
+        self._markers.setdefault(partition, []).append((envelope.event_id, timestamp))
         self._dedupe.add(partition, envelope.event_id, timestamp)
-        self.metrics.records_out.labels(envelope.event_type, route.domain).inc()
+        self.metrics.inc(self.metrics.records_out, envelope.event_type, route.domain)
 
     def _dead_letter(self, message: Message, error: CallbackError) -> None:
         log.warning("dead-lettering %s", error)
@@ -311,9 +345,16 @@ class Router:
             ("rtcbus.source.offset", str(message.offset()).encode()),
         ]
         self._produce(self._dlq_topic, message.value(), key=message.key(), headers=headers)
-        self.metrics.dead_letters.labels(type(error).__name__).inc()
+        self.metrics.inc(self.metrics.dead_letters, type(error).__name__)
 
     def _produce(self, topic: str, value: bytes | None, **kwargs: Any) -> None:
+        """Produce into the open transaction, or into the outbox while a commit is under way."""
+        if self._committing is not None:
+            self._outbox.append((topic, value, kwargs))
+            return
+        self._send(topic, value, **kwargs)
+
+    def _send(self, topic: str, value: bytes | None, **kwargs: Any) -> None:
         while True:
             try:
                 self._producer.produce(topic, value, **kwargs)
@@ -325,47 +366,91 @@ class Router:
     # -- transactions -----------------------------------------------------------------------------
 
     def _begin(self) -> None:
-        if self._transactions:
-            self._producer.begin_transaction()
+        if self._transactions and self._committing is None:
+            self._producer.begin_transaction()  # else once the commit under way is through
         self._in_transaction = True
         self._transaction_started = time.monotonic()
         self._transaction_records = 0
 
     def _commit(self) -> None:
-        """Commit the open transaction with the processed offsets.
+        """Commit everything processed so far, and wait for the outcome."""
+        self._settle_commit(wait=True)
+        if self._in_transaction:
+            self._start_commit()
+            self._settle_commit(wait=True)
 
-        If librdkafka says the transaction must be aborted, abort and redo its work. If the
-        commit cannot get through within the transaction timeout (a broker restart can leave
-        librdkafka waiting on a coordinator it has forgotten), replace the producer: its
-        successor's ``init_transactions`` fences it and aborts what it left open, and the
-        work is redone.
+    def _start_commit(self) -> None:
+        """Commit the open transaction with the processed offsets and the dedupe markers.
+
+        With transactions the commit runs in a thread of its own (see :meth:`_settle_commit`
+        for the outcome); without, it is done when this returns.
         """
         offsets = [
             TopicPartition(self._raw_topic, partition, offset)
             for partition, offset in self._processed.items()
             if partition in self._owned and offset >= 0
         ]
+        self._in_transaction = False
+        self._dedupe.seal()
         if not self._transactions:
             self._commit_at_least_once(offsets)
             return
-        try:
+        self._produce_markers()
+        group = self._consumer.consumer_group_metadata()
+
+        def commit() -> None:
             self._transactional(
-                lambda timeout: self._producer.send_offsets_to_transaction(
-                    offsets, self._consumer.consumer_group_metadata(), timeout
-                )
+                lambda timeout: self._producer.send_offsets_to_transaction(offsets, group, timeout)
             )
             self._transactional(self._producer.commit_transaction)
-        except (_Stuck, KafkaException) as exc:
-            if isinstance(exc, KafkaException) and exc.args[0].txn_requires_abort():
-                log.warning("transaction must be aborted: %s", exc.args[0].str())
-                self._abort()
-            else:
-                self._replace_unless_final(exc, "the commit did not get through")
+
+        self._committing = _Commit(offsets, commit)
+
+    def _settle_commit(self, wait: bool) -> None:
+        """Take the outcome of the commit under way, if it is there (or ``wait`` for it).
+
+        Through: begin the next transaction with what the outbox holds. If librdkafka says
+        the transaction must be aborted, abort and redo its work. If the commit could not get
+        through within the transaction timeout (a broker restart can leave librdkafka waiting
+        on a coordinator it has forgotten), replace the producer: its successor's
+        ``init_transactions`` fences it and aborts what it left open, and the work is redone.
+        """
+        pending = self._committing
+        if pending is None or not (wait or pending.done()):
             return
-        self._committed_through(offsets)
+        error = pending.outcome()
+        self._committing = None
+        if error is None:
+            self._committed_through(pending.offsets)
+            if self._in_transaction:
+                self._producer.begin_transaction()
+                outbox, self._outbox = self._outbox, []
+                for topic, value, kwargs in outbox:
+                    self._send(topic, value, **kwargs)
+        elif isinstance(error, KafkaException) and error.args[0].txn_requires_abort():
+            log.warning("transaction must be aborted: %s", error.args[0].str())
+            self._abort_transaction()
+        elif isinstance(error, (_Stuck, KafkaException)):
+            self._replace_unless_final(error, "the commit did not get through")
+        else:
+            raise error
+
+    def _produce_markers(self) -> None:
+        """The dedupe markers of the EventIds written since the last commit point: per raw
+        partition, records of up to ``_MARKERS_PER_RECORD`` ``[EventId, timestamp]`` pairs,
+        each timestamped with its newest pair so that a restore seeking by time finds it."""
+        markers, self._markers = self._markers, {}
+        for partition, pairs in markers.items():
+            for start in range(0, len(pairs), _MARKERS_PER_RECORD):
+                chunk = pairs[start : start + _MARKERS_PER_RECORD]
+                self._produce(
+                    self._dedupe_topic,
+                    json.dumps(chunk, separators=(",", ":")).encode(),
+                    partition=partition,
+                    timestamp=max(timestamp for _, timestamp in chunk),
+                )
 
     def _committed_through(self, offsets: list[TopicPartition]) -> None:
-        self._in_transaction = False
         self._dedupe.commit()
         self._committed.update({tp.partition: tp.offset for tp in offsets})
         self.metrics.commits.inc()
@@ -376,9 +461,9 @@ class Router:
         marked or committed that Kafka does not have."""
         if not self._flushed():
             return
-        for marker in self._pending_markers:
-            self._produce(self._dedupe_topic, b"", **marker)
-        self._pending_markers = []
+        # Without a transaction a marker must not reach Kafka before its record does, or a
+        # crash in between would make the restored window drop a record never written.
+        self._produce_markers()
         if not self._flushed():
             return
         if offsets:
@@ -407,7 +492,13 @@ class Router:
         return True
 
     def _abort(self) -> None:
-        """Abort the open transaction and redo its work."""
+        """Abort what is open, the commit under way included, and redo its work."""
+        self._settle_commit(wait=True)  # a commit that fails aborts, and rewinds, there
+        if self._in_transaction:
+            self._abort_transaction()
+
+    def _abort_transaction(self) -> None:
+        """Abort the producer's transaction and redo its work."""
         if not self._transactions:
             self._rewind()  # what was produced stays: at-least-once
             return
@@ -422,7 +513,8 @@ class Router:
         """Forget the aborted transaction: rewind every owned partition to its last committed
         offset and drop the EventIds the transaction added."""
         self._in_transaction = False
-        self._pending_markers = []
+        self._markers = {}
+        self._outbox = []
         self._dedupe.abort()
         self.metrics.aborts.inc()
         self._processed = {p: self._committed[p] for p in self._owned if p in self._committed}
@@ -513,7 +605,7 @@ class Router:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Cooperative rebalancing: commit what was done so the next owner starts after it.
-        if self._in_transaction and not self._failed:
+        if not self._failed:
             self._commit()
         self._forget(partitions)
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
@@ -522,7 +614,7 @@ class Router:
         # The partitions already belong to someone else: our open work must not commit.
         lost = {tp.partition for tp in partitions}
         self._owned -= lost
-        if self._in_transaction:
+        if self._in_transaction or self._committing is not None:
             self._abort()
         self._forget(partitions)
         log.warning("lost partitions %s", sorted(lost))
@@ -557,7 +649,13 @@ class Router:
         )[0]
         if start.offset < 0:
             return []  # no marker that recent
-        return [(m.key().decode(), m.timestamp()[1]) for m in self._read_partition(start)]
+        markers: list[tuple[str, int]] = []
+        for message in self._read_partition(start):
+            if message.value():
+                markers.extend((event_id, timestamp) for event_id, timestamp in json.loads(message.value()))
+            else:  # written by rtcbus before 0.2: one EventId per record, in the key
+                markers.append((message.key().decode(), message.timestamp()[1]))
+        return markers
 
     def _read_partition(self, start: TopicPartition) -> Iterator[Message]:
         """Committed records of one partition, from ``start`` to its end."""
@@ -591,6 +689,36 @@ class Router:
 
 class _Stuck(Exception):
     """A librdkafka call that has not returned long after its own timeout."""
+
+
+class _Commit:
+    """A commit under way in a daemon thread: ``commit()`` runs there, its error is kept.
+
+    A daemon thread, because a commit stuck in librdkafka (see :func:`_bounded`) must not
+    keep the process from exiting; ``_transactional`` bounds how long it runs.
+    """
+
+    def __init__(self, offsets: list[TopicPartition], commit: Callable[[], None]) -> None:
+        self.offsets = offsets
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(commit,), name="rtcbus-commit", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, commit: Callable[[], None]) -> None:
+        try:
+            commit()
+        except BaseException as exc:  # handed to the loop by outcome()
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def outcome(self) -> BaseException | None:
+        """Wait for the commit; its error, or None once it is through."""
+        self._thread.join()
+        return self._error
 
 
 def _bounded(call: Callable[[float], Any], timeout_s: float) -> Any:
