@@ -4,7 +4,8 @@ Run: .venv/bin/python -m bench [--full | --smoke] [--bootstrap HOST:PORT] [--out
 (``make bench`` installs the ``bench`` extra and the Quix virtualenv, then runs the quick suite.)
 
 Sections, each a module with a function returning plain dicts: codec (``bench.codec``),
-router throughput against four contenders (``bench.router``), shim throughput and latency
+per-event CPU of each step, without a broker (``bench.floor``), router throughput against
+four contenders (``bench.router``), shim throughput and latency
 (``bench.shim_bridge``), end-to-end latency by commit interval (``bench.latency``), and in
 full mode RSS over a 10-minute sustained run. Without ``--bootstrap`` a local Kafka is
 started for the run and stopped afterwards. Writes ``<out>/<date>.json`` (raw figures,
@@ -19,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import codec, latency, report, router, shim_bridge
+from bench import codec, floor, latency, report, router, shim_bridge
 from bench.broker import bench_kafka
 from bench.workload import raw_records, weights
 
@@ -27,6 +28,7 @@ from bench.workload import raw_records, weights
 PROFILES = {
     "smoke": {
         "codec": {"seconds": 0.2, "rounds": 1, "events": 200},
+        "floor": {"events": 200, "rounds": 1},
         "router": {"events": 300, "rounds": 1, "arms": ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook")},
         "intervals_drain": (),
         "shim": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5},
@@ -35,7 +37,8 @@ PROFILES = {
     },
     "quick": {
         "codec": {"seconds": 3, "rounds": 3, "events": 2000},
-        "router": {"events": 15000, "rounds": 2, "arms": tuple(a.name for a in router.ARMS)},
+        "floor": {"events": 3000, "rounds": 3},
+        "router": {"events": 30000, "rounds": 2, "arms": tuple(a.name for a in router.ARMS)},
         "intervals_drain": (20, 500),
         "shim": {"seconds": 3, "rounds": 2, "connections": (64, 256), "warmup_s": 1},
         "latency": {"rate": 2000, "seconds": 12, "intervals": (20, 100, 500)},
@@ -43,6 +46,7 @@ PROFILES = {
     },
     "full": {
         "codec": {"seconds": 5, "rounds": 5, "events": 2000},
+        "floor": {"events": 5000, "rounds": 5},
         "router": {"events": 100000, "rounds": 3, "arms": tuple(a.name for a in router.ARMS)},
         "intervals_drain": (20, 500, 1000),
         "shim": {"seconds": 10, "rounds": 3, "connections": (64, 256), "warmup_s": 2},
@@ -73,6 +77,7 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
         results[name]["section_s"] = time.monotonic() - begun
 
     section("codec", lambda: codec.run(**sizes["codec"]))
+    section("floor", lambda: floor.run(**sizes["floor"]))
     records = raw_records(sizes["router"]["events"])
     arms = [a for a in router.ARMS if a.name in sizes["router"]["arms"]]
 

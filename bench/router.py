@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -114,12 +116,14 @@ def drain(arm: Arm, settings: Settings, events: int, timeout_s: float) -> dict:
         while _produced(watcher, output_partitions) == 0:
             _check(process, deadline, arm)
             time.sleep(0.01)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), cpu_seconds(process.pid)
         while (done := committed(watcher, raw)) < events:
             _check(process, deadline, arm, done)
             time.sleep(0.02)
         seconds = time.monotonic() - started
-        return {"events": events, "seconds": seconds, "events_per_s": events / seconds}
+        cpu = cpu_seconds(process.pid) - cpu_started
+        return {"events": events, "seconds": seconds, "events_per_s": events / seconds,
+                "cpu_us_per_event": cpu / events * 1e6}
     finally:
         watcher.close()
         terminate(process)
@@ -182,7 +186,8 @@ def summarize(runs: dict[str, list[dict]], skipped: dict[str, str], **about) -> 
         elif any("error" in r for r in results):
             arms[name] = {"status": "failed", "runs": results}
         else:
-            arms[name] = {"status": "ok", "runs": results, "events_per_s": _median(results)}
+            arms[name] = {"status": "ok", "runs": results, "events_per_s": _median(results),
+                          "cpu_us_per_event": _median(results, "cpu_us_per_event")}
     rate = {n: a["events_per_s"] for n, a in arms.items() if a["status"] == "ok"}
     ratios = {}
     for name in rate:
@@ -197,8 +202,15 @@ def summarize(runs: dict[str, list[dict]], skipped: dict[str, str], **about) -> 
     return {**about, "arms": arms, "ratios": ratios}
 
 
-def _median(results: list[dict]) -> float:
-    return statistics.median(r["events_per_s"] for r in results)
+def _median(results: list[dict], key: str = "events_per_s") -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process so far, from /proc: steadier than
+    events/s on a shared machine, since time the process waits for a core is not in it."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _produced(consumer: Consumer, partitions: list[TopicPartition]) -> int:

@@ -60,6 +60,9 @@ class SingleObjectCodec:
         }
         self._parsed = {name: schema.parsed for name, schema in schemas.items()}
         self._ids = {name: schema.fingerprint.hex() for name, schema in schemas.items()}
+        self._optional_records = {
+            name: _optional_records(schema.parsed) for name, schema in schemas.items()
+        }
 
     def encode(self, name: str, record: Mapping[str, Any], topic: str = "") -> bytes:
         """Raises:
@@ -67,6 +70,15 @@ class SingleObjectCodec:
         """
         buffer = io.BytesIO()
         buffer.write(self._headers[name])
+        optional = self._optional_records[name]
+        if optional:
+            # fastavro picks a union's branch by validating the value against each one, a
+            # record branch field by field; its tuple notation names the branch instead.
+            # For the Source lineage every record carries, that is a fifth of encode's time.
+            record = dict(record)
+            for field, record_name in optional:
+                if isinstance(record.get(field), Mapping):
+                    record[field] = (record_name, record[field])
         try:
             fastavro.schemaless_writer(buffer, self._parsed[name], record)
         except _WRITER_ERRORS as exc:
@@ -91,6 +103,21 @@ class SingleObjectCodec:
 
     def schema_id(self, name: str, topic: str = "") -> str:
         return self._ids[name]
+
+
+def _optional_records(parsed: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The top-level fields of a parsed record schema whose type is ``["null", <record>]``,
+    with the record's full name."""
+    found = []
+    for field in parsed["fields"]:
+        branches = field["type"]
+        if isinstance(branches, list) and len(branches) == 2 and "null" in branches:
+            other = branches[1] if branches[0] == "null" else branches[0]
+            if isinstance(other, Mapping) and other.get("type") == "record":
+                found.append((field["name"], other["name"]))
+            elif isinstance(other, str) and other in parsed.get("__named_schemas", {}):
+                found.append((field["name"], other))
+    return tuple(found)
 
 
 class ConfluentCodec:

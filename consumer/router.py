@@ -34,6 +34,7 @@ a rebalance callback ran, and committing past them would lose them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -122,16 +123,18 @@ class RouterMetrics:
             "rtcbus_router_consumer_lag", "Records behind the raw topic's end", ["partition"],
             registry=registry,
         )
-        # Labelled children by label values: ``labels()`` takes a lock and builds a key on
-        # every call, which per record is a measurable share of the loop.
-        self._children: dict[tuple[Counter, tuple[str, ...]], Any] = {}
+        # Per-record counts are kept here and added to the counters once per batch: each
+        # ``labels(...).inc()`` takes two locks, a measurable share of the loop per record.
+        self._counts: collections.Counter[tuple[Counter, tuple[str, ...]]] = collections.Counter()
 
-    def inc(self, counter: Counter, *labels: str) -> None:
-        """``counter.labels(*labels).inc()``, with the child looked up once."""
-        child = self._children.get((counter, labels))
-        if child is None:
-            child = self._children[(counter, labels)] = counter.labels(*labels)
-        child.inc()
+    def count(self, counter: Counter, *labels: str) -> None:
+        """``counter.labels(*labels).inc()``, at the next :meth:`flush`."""
+        self._counts[(counter, labels)] += 1
+
+    def flush(self) -> None:
+        for (counter, labels), n in self._counts.items():
+            counter.labels(*labels).inc(n)
+        self._counts.clear()
 
 
 class Router:
@@ -243,6 +246,7 @@ class Router:
                     continue
                 for message in messages:
                     self._route(message)
+                self.metrics.flush()
                 # The commit under way holds back the next transaction until it is through;
                 # a full outbox waits for it.
                 self._settle_commit(wait=len(self._outbox) >= settings.commit_max_records)
@@ -295,7 +299,7 @@ class Router:
             if message.value() is None:
                 raise ValidationError("raw record has no value")
             envelope = parse_envelope(message.value())
-            self.metrics.inc(self.metrics.records_in, envelope.event_type)
+            self.metrics.count(self.metrics.records_in, envelope.event_type)
             if self._dedupe.seen(partition, envelope.event_id):
                 self.metrics.duplicates.inc()
                 return
@@ -331,7 +335,7 @@ class Router:
         # can be rebuilt per partition, on the raw topic's clock.
         self._markers.setdefault(partition, []).append((envelope.event_id, timestamp))
         self._dedupe.add(partition, envelope.event_id, timestamp)
-        self.metrics.inc(self.metrics.records_out, envelope.event_type, route.domain)
+        self.metrics.count(self.metrics.records_out, envelope.event_type, route.domain)
 
     def _dead_letter(self, message: Message, error: CallbackError) -> None:
         log.warning("dead-lettering %s", error)
@@ -345,7 +349,7 @@ class Router:
             ("rtcbus.source.offset", str(message.offset()).encode()),
         ]
         self._produce(self._dlq_topic, message.value(), key=message.key(), headers=headers)
-        self.metrics.inc(self.metrics.dead_letters, type(error).__name__)
+        self.metrics.dead_letters.labels(type(error).__name__).inc()
 
     def _produce(self, topic: str, value: bytes | None, **kwargs: Any) -> None:
         """Produce into the open transaction, or into the outbox while a commit is under way."""
@@ -653,7 +657,7 @@ class Router:
         for message in self._read_partition(start):
             if message.value():
                 markers.extend((event_id, timestamp) for event_id, timestamp in json.loads(message.value()))
-            else:  # written by rtcbus before 0.2: one EventId per record, in the key
+            else:  # the form earlier routers wrote: one EventId per record, in the key
                 markers.append((message.key().decode(), message.timestamp()[1]))
         return markers
 

@@ -36,9 +36,13 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     assert results["mode"] == "smoke"
     assert results["machine"]["versions"]["librdkafka"]
     assert len(results["workload"]["weights_pct"]) == 38
-    for section in ("codec", "router", "shim", "latency"):
+    for section in ("codec", "floor", "router", "shim", "latency"):
         assert "error" not in results[section], results[section].get("traceback")
     assert all(row["events_per_s"] > 0 for row in results["codec"]["rows"].values())
+    assert len(results["floor"]["cpu_us_per_event"]) == 8
+    assert all(us > 0 for us in results["floor"]["cpu_us_per_event"].values())
+    assert all(arm["cpu_us_per_event"] > 0 for arm in results["router"]["arms"].values()
+               if arm["status"] == "ok")
     arms = results["router"]["arms"]
     for name in ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook"):
         assert arms[name]["status"] == "ok" and arms[name]["events_per_s"] > 0, arms[name]

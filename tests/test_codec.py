@@ -98,6 +98,18 @@ def test_example_round_trips_through_plain_fastavro(example):
     assert_carries(decoded["EventData"], example.event_data, "EventData", decoded["ExtraFields"])
 
 
+@pytest.mark.parametrize("source", [Source("rtc.callbacks.raw", 3, 42), None])
+def test_naming_the_union_branch_writes_what_fastavro_would_resolve(source):
+    codec, schemas = SingleObjectCodec(contract()), contract()
+    for example in EXAMPLES:
+        name, record = models().to_record(parse_envelope(signed_callback(example)), source)
+        before = json.dumps(record, sort_keys=True)
+        plain = io.BytesIO()
+        fastavro.schemaless_writer(plain, schemas[name].parsed, record)
+        assert codec.encode(name, record)[10:] == plain.getvalue(), name
+        assert json.dumps(record, sort_keys=True) == before  # the caller's record is untouched
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: f"{e.event_type}-{e.version}")
 def test_example_round_trips_through_the_schema_registry_framing(example):
     codec = ConfluentCodec(contract(), "mock://contract-tests")

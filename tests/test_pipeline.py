@@ -93,6 +93,11 @@ def test_a_duplicate_is_dropped_after_the_router_was_down_longer_than_the_window
     try:
         stack.start_shim()
         router = stack.start_router()
+        # A first callback brings the router up to speed (joined, window restored), so the
+        # original below is routed at once and its duplicate follows it well within 5 s.
+        warm = callback("UserJoinRoom", join_room("room-late", "u0"), stack.secret, event_id="warm-1")
+        assert stack.post(warm) == 200
+        stack.wait_caught_up()
         body = callback("UserJoinRoom", join_room("room-late", "u1"), stack.secret, event_id="late-1")
         assert stack.post(body) == 200
         stack.wait_caught_up()
@@ -104,7 +109,28 @@ def test_a_duplicate_is_dropped_after_the_router_was_down_longer_than_the_window
     finally:
         stack.stop_all()
     ids = Counter(record["EventId"] for _, _, record in domain_records(stack))
-    assert ids == Counter({"late-1": 1})
+    assert ids == Counter({"warm-1": 1, "late-1": 1})
+
+
+def test_dedupe_markers_in_the_one_eventid_per_record_form_are_still_honoured(stack):
+    # Routers before the batched markers wrote one record per EventId: the EventId as key,
+    # an empty value, the raw record's partition and timestamp. An upgraded router must
+    # still drop what those markers name.
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    for partition in range(3):  # whichever partition the room's key lands on
+        producer.produce(f"{stack.prefix}.router.dedupe", b"", key=b"legacy-1", partition=partition)
+    assert producer.flush(30) == 0
+    stack.start_shim()
+    stack.start_router()
+    for event_id in ("legacy-1", "fresh-1"):
+        body = callback("UserJoinRoom", join_room("room-legacy", "u1"), stack.secret, event_id=event_id)
+        assert stack.post(body) == 200
+    stack.wait_caught_up()
+
+    ids = Counter(record["EventId"] for _, _, record in domain_records(stack))
+    assert ids == Counter({"fresh-1": 1})
 
 
 def test_unknown_event_type_and_broken_event_data_are_not_lost(stack):
