@@ -41,7 +41,8 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     assert all(row["events_per_s"] > 0 for row in results["codec"]["rows"].values())
     assert len(results["floor"]["cpu_us_per_event"]) == 8
     assert all(us > 0 for us in results["floor"]["cpu_us_per_event"].values())
-    assert all(arm["cpu_us_per_event"] > 0 for arm in results["router"]["arms"].values()
+    # /proc counts CPU in 10 ms ticks: a smoke-sized drain may take less than one.
+    assert all(arm["cpu_us_per_event"] >= 0 for arm in results["router"]["arms"].values()
                if arm["status"] == "ok")
     arms = results["router"]["arms"]
     for name in ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook"):
