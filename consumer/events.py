@@ -104,6 +104,8 @@ class EventModels:
             "Version": envelope.version,
             "EventData": envelope.event_data(),
             "Source": source.to_avro() if source else None,
+            # Given, not defaulted: pydantic deep-copies a mutable default for every instance.
+            "ExtraFields": {},
         }
         try:
             return model.model_validate(document)
