@@ -81,7 +81,8 @@ class DedupeWindow:
 
     def size(self, partition: int) -> int:
         return sum(
-            len(layer.get(partition, ())) for layer in (self._committed, self._sealed, self._pending)
+            len(layer.get(partition, ()))
+            for layer in (self._committed, self._sealed, self._pending)
         )
 
     def _expire(self, window: OrderedDict[str, int]) -> None:

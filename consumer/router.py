@@ -15,8 +15,8 @@ rewind, if it failed). At most ``commit_max_records`` records wait in the outbox
 
 With ``exactly_once`` off, the same loop runs without transactions: at each commit point it
 flushes its output, then commits the consumer offsets, so a crash between the two duplicates
-what was flushed (at-least-once). It commits in the loop's own thread. It exists for users who accept that, and as the
-benchmark's measure of what transactions cost.
+what was flushed (at-least-once); it commits in the loop's own thread. It exists for users
+who accept that, and as the benchmark's measure of what transactions cost.
 
 Failure handling follows librdkafka's transactional contract:
 
@@ -656,7 +656,8 @@ class Router:
         markers: list[tuple[str, int]] = []
         for message in self._read_partition(start):
             if message.value():
-                markers.extend((event_id, timestamp) for event_id, timestamp in json.loads(message.value()))
+                pairs = json.loads(message.value())
+                markers.extend((event_id, timestamp) for event_id, timestamp in pairs)
             else:  # the form earlier routers wrote: one EventId per record, in the key
                 markers.append((message.key().decode(), message.timestamp()[1]))
         return markers
