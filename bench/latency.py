@@ -1,7 +1,8 @@
 """End-to-end latency, POST → readable with read_committed on the domain topic; RSS over time.
 
 Run alone: .venv/bin/python -m bench.latency [--rate 2000] [--seconds 60]
-    [--intervals 20,100,500] [--bootstrap HOST:PORT]
+    [--intervals 20,100,500] [--dedupe-window-s S] [--rss-every-s S] [--out FILE]
+    [--bootstrap HOST:PORT]
 
 One run: the shim (``bench.shim_bridge serve bridge``: signature checks, 200 after acks=all)
 and the exactly-once router (``bench.contender rtcbus``), each in a process of its own, on
@@ -273,13 +274,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--intervals", default="100", help="commit intervals in ms")
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
+    parser.add_argument("--dedupe-window-s", type=float, help="the router's; default its own")
+    parser.add_argument("--rss-every-s", type=float, default=1.0)
+    parser.add_argument("--out", help="also write each run's whole result, RSS samples included, "
+                                      "to this JSON file (a list, one per interval)")
     args = parser.parse_args()
     from bench.broker import bench_kafka
 
+    results = []
     with bench_kafka(args.bootstrap) as kafka:
         for interval in (int(i) for i in args.intervals.split(",")):
-            result = run(kafka.bootstrap_servers, args.rate, args.seconds, interval)
+            result = run(kafka.bootstrap_servers, args.rate, args.seconds, interval,
+                         rss_every_s=args.rss_every_s, dedupe_window_s=args.dedupe_window_s)
+            results.append(result)
             print(json.dumps({k: v for k, v in result.items() if k not in ("cdf_ms", "rss_mb")}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
