@@ -6,17 +6,10 @@ topic, all inside one Kafka transaction that also carries the consumed offsets a
 dedupe markers. The transaction commits every ``commit_max_records`` records or
 ``commit_interval_ms``, whichever comes first.
 
-A commit is a round trip to the transaction coordinator and back through every partition
-leader, during which the producer takes no records. So that the loop does not sit idle
-for it, the commit runs in a thread of its own while the loop goes on with the next
-records: it parses, deduplicates, validates and encodes them into an outbox, which is
-produced into the next transaction as soon as the commit is through (or dropped, with a
-rewind, if it failed). At most ``commit_max_records`` records wait in the outbox.
-
 With ``exactly_once`` off, the same loop runs without transactions: at each commit point it
 flushes its output, then commits the consumer offsets, so a crash between the two duplicates
-what was flushed (at-least-once); it commits in the loop's own thread. It exists for users
-who accept that, and as the benchmark's measure of what transactions cost.
+what was flushed (at-least-once). It exists for users who accept that, and as the
+benchmark's measure of what transactions cost.
 
 Failure handling follows librdkafka's transactional contract:
 
@@ -171,8 +164,6 @@ class Router:
         # EventIds written since the last commit point, by raw partition, with their raw
         # timestamps: they go to the dedupe changelog at the commit, a record per partition.
         self._markers: dict[int, list[tuple[str, int]]] = {}
-        self._outbox: list[tuple[str, bytes | None, dict[str, Any]]] = []
-        self._committing: _Commit | None = None  # the commit under way in its own thread
         self._producer = self._new_producer()
         self._restorer = Consumer(
             {
@@ -247,15 +238,13 @@ class Router:
                 for message in messages:
                     self._route(message)
                 self.metrics.flush()
-                # The commit under way holds back the next transaction until it is through;
-                # a full outbox waits for it.
-                self._settle_commit(wait=len(self._outbox) >= settings.commit_max_records)
-                if self._in_transaction and self._committing is None and (
+                if self._in_transaction and (
                     self._transaction_records >= settings.commit_max_records
                     or time.monotonic() - self._transaction_started >= interval_s
                 ):
-                    self._start_commit()
-            self._commit()
+                    self._commit()
+            if self._in_transaction:
+                self._commit()
         except BaseException:
             # Leaving the group below calls on_revoke: it must not commit half-done work.
             self._failed = True
@@ -352,13 +341,6 @@ class Router:
         self.metrics.dead_letters.labels(type(error).__name__).inc()
 
     def _produce(self, topic: str, value: bytes | None, **kwargs: Any) -> None:
-        """Produce into the open transaction, or into the outbox while a commit is under way."""
-        if self._committing is not None:
-            self._outbox.append((topic, value, kwargs))
-            return
-        self._send(topic, value, **kwargs)
-
-    def _send(self, topic: str, value: bytes | None, **kwargs: Any) -> None:
         while True:
             try:
                 self._producer.produce(topic, value, **kwargs)
@@ -370,74 +352,45 @@ class Router:
     # -- transactions -----------------------------------------------------------------------------
 
     def _begin(self) -> None:
-        if self._transactions and self._committing is None:
-            self._producer.begin_transaction()  # else once the commit under way is through
+        if self._transactions:
+            self._producer.begin_transaction()
         self._in_transaction = True
         self._transaction_started = time.monotonic()
         self._transaction_records = 0
 
     def _commit(self) -> None:
-        """Commit everything processed so far, and wait for the outcome."""
-        self._settle_commit(wait=True)
-        if self._in_transaction:
-            self._start_commit()
-            self._settle_commit(wait=True)
-
-    def _start_commit(self) -> None:
         """Commit the open transaction with the processed offsets and the dedupe markers.
 
-        With transactions the commit runs in a thread of its own (see :meth:`_settle_commit`
-        for the outcome); without, it is done when this returns.
+        If librdkafka says the transaction must be aborted, abort and redo its work. If the
+        commit cannot get through within the transaction timeout (a broker restart can leave
+        librdkafka waiting on a coordinator it has forgotten), replace the producer: its
+        successor's ``init_transactions`` fences it and aborts what it left open, and the
+        work is redone.
         """
         offsets = [
             TopicPartition(self._raw_topic, partition, offset)
             for partition, offset in self._processed.items()
             if partition in self._owned and offset >= 0
         ]
-        self._in_transaction = False
-        self._dedupe.seal()
         if not self._transactions:
             self._commit_at_least_once(offsets)
             return
         self._produce_markers()
-        group = self._consumer.consumer_group_metadata()
-
-        def commit() -> None:
+        try:
             self._transactional(
-                lambda timeout: self._producer.send_offsets_to_transaction(offsets, group, timeout)
+                lambda timeout: self._producer.send_offsets_to_transaction(
+                    offsets, self._consumer.consumer_group_metadata(), timeout
+                )
             )
             self._transactional(self._producer.commit_transaction)
-
-        self._committing = _Commit(offsets, commit)
-
-    def _settle_commit(self, wait: bool) -> None:
-        """Take the outcome of the commit under way, if it is there (or ``wait`` for it).
-
-        Through: begin the next transaction with what the outbox holds. If librdkafka says
-        the transaction must be aborted, abort and redo its work. If the commit could not get
-        through within the transaction timeout (a broker restart can leave librdkafka waiting
-        on a coordinator it has forgotten), replace the producer: its successor's
-        ``init_transactions`` fences it and aborts what it left open, and the work is redone.
-        """
-        pending = self._committing
-        if pending is None or not (wait or pending.done()):
+        except (_Stuck, KafkaException) as exc:
+            if isinstance(exc, KafkaException) and exc.args[0].txn_requires_abort():
+                log.warning("transaction must be aborted: %s", exc.args[0].str())
+                self._abort()
+            else:
+                self._replace_unless_final(exc, "the commit did not get through")
             return
-        error = pending.outcome()
-        self._committing = None
-        if error is None:
-            self._committed_through(pending.offsets)
-            if self._in_transaction:
-                self._producer.begin_transaction()
-                outbox, self._outbox = self._outbox, []
-                for topic, value, kwargs in outbox:
-                    self._send(topic, value, **kwargs)
-        elif isinstance(error, KafkaException) and error.args[0].txn_requires_abort():
-            log.warning("transaction must be aborted: %s", error.args[0].str())
-            self._abort_transaction()
-        elif isinstance(error, (_Stuck, KafkaException)):
-            self._replace_unless_final(error, "the commit did not get through")
-        else:
-            raise error
+        self._committed_through(offsets)
 
     def _produce_markers(self) -> None:
         """The dedupe markers of the EventIds written since the last commit point: per raw
@@ -455,6 +408,7 @@ class Router:
                 )
 
     def _committed_through(self, offsets: list[TopicPartition]) -> None:
+        self._in_transaction = False
         self._dedupe.commit()
         self._committed.update({tp.partition: tp.offset for tp in offsets})
         self.metrics.commits.inc()
@@ -496,13 +450,7 @@ class Router:
         return True
 
     def _abort(self) -> None:
-        """Abort what is open, the commit under way included, and redo its work."""
-        self._settle_commit(wait=True)  # a commit that fails aborts, and rewinds, there
-        if self._in_transaction:
-            self._abort_transaction()
-
-    def _abort_transaction(self) -> None:
-        """Abort the producer's transaction and redo its work."""
+        """Abort the open transaction and redo its work."""
         if not self._transactions:
             self._rewind()  # what was produced stays: at-least-once
             return
@@ -518,7 +466,6 @@ class Router:
         offset and drop the EventIds the transaction added."""
         self._in_transaction = False
         self._markers = {}
-        self._outbox = []
         self._dedupe.abort()
         self.metrics.aborts.inc()
         self._processed = {p: self._committed[p] for p in self._owned if p in self._committed}
@@ -609,7 +556,7 @@ class Router:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Cooperative rebalancing: commit what was done so the next owner starts after it.
-        if not self._failed:
+        if self._in_transaction and not self._failed:
             self._commit()
         self._forget(partitions)
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
@@ -618,7 +565,7 @@ class Router:
         # The partitions already belong to someone else: our open work must not commit.
         lost = {tp.partition for tp in partitions}
         self._owned -= lost
-        if self._in_transaction or self._committing is not None:
+        if self._in_transaction:
             self._abort()
         self._forget(partitions)
         log.warning("lost partitions %s", sorted(lost))
@@ -694,36 +641,6 @@ class Router:
 
 class _Stuck(Exception):
     """A librdkafka call that has not returned long after its own timeout."""
-
-
-class _Commit:
-    """A commit under way in a daemon thread: ``commit()`` runs there, its error is kept.
-
-    A daemon thread, because a commit stuck in librdkafka (see :func:`_bounded`) must not
-    keep the process from exiting; ``_transactional`` bounds how long it runs.
-    """
-
-    def __init__(self, offsets: list[TopicPartition], commit: Callable[[], None]) -> None:
-        self.offsets = offsets
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(commit,), name="rtcbus-commit", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, commit: Callable[[], None]) -> None:
-        try:
-            commit()
-        except BaseException as exc:  # handed to the loop by outcome()
-            self._error = exc
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def outcome(self) -> BaseException | None:
-        """Wait for the commit; its error, or None once it is through."""
-        self._thread.join()
-        return self._error
 
 
 def _bounded(call: Callable[[float], Any], timeout_s: float) -> Any:

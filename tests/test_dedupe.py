@@ -13,14 +13,11 @@ def test_pending_ids_are_seen_and_forgotten_on_abort():
 def test_committed_ids_survive_until_older_than_the_window():
     window = DedupeWindow(window_ms=1000)
     window.add(0, "old", 100)
-    window.seal()
     window.commit()
     window.add(0, "mid", 900)
-    window.seal()
     window.commit()
     assert window.seen(0, "old") and window.seen(0, "mid")
     window.add(0, "new", 1500)
-    window.seal()
     window.commit()
     assert not window.seen(0, "old")
     assert window.seen(0, "mid") and window.seen(0, "new")
@@ -41,26 +38,3 @@ def test_drop_forgets_revoked_partitions_only():
     window.drop([1])
     assert not window.seen(1, "a")
     assert window.seen(2, "b")
-
-
-def test_ids_added_while_a_commit_is_under_way_stay_pending():
-    window = DedupeWindow(window_ms=1000)
-    window.add(0, "committing", 100)
-    window.seal()
-    window.add(0, "next", 200)
-    assert window.seen(0, "committing") and window.seen(0, "next")
-    window.commit()
-    window.abort()
-    assert window.seen(0, "committing")
-    assert not window.seen(0, "next")
-
-
-def test_an_abort_forgets_the_sealed_transaction_too():
-    window = DedupeWindow(window_ms=1000)
-    window.add(0, "committing", 100)
-    window.seal()
-    window.add(0, "next", 200)
-    window.abort()
-    window.commit()
-    assert not window.seen(0, "committing") and not window.seen(0, "next")
-    assert window.size(0) == 0
