@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from consumer.examples import Example, load_examples
-from consumer.routing import DEFAULT_DOMAINS, partition_key
+from consumer.envelope import partition_key
+from consumer.routing import DEFAULT_DOMAINS
 from consumer.sender import DEFAULT_APP_ID, build_callback
 
 SECRET = "bench-secret"  # every body is signed with it; the shims under test check it

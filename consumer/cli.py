@@ -164,7 +164,8 @@ def topics_list(ctx: typer.Context) -> None:
 
 def schemas_list(ctx: typer.Context) -> None:
     """Show every EventType: its domain, topic, key field and schema fingerprint."""
-    from consumer.routing import KEY_FIELDS, RoutingTable
+    from consumer.envelope import KEY_FIELDS
+    from consumer.routing import RoutingTable
     from consumer.schemas import contract
 
     table = RoutingTable.from_settings(_settings(ctx))

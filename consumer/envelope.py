@@ -16,11 +16,29 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from consumer.errors import SignatureError, ValidationError
-from consumer.routing import partition_key
 
 REQUIRED_FIELDS = ("EventType", "EventData", "EventTime", "EventId", "AppId", "Version")
 SIGNATURE_FIELDS = ("Nonce", "Signature")
 KNOWN_FIELDS = frozenset(REQUIRED_FIELDS + SIGNATURE_FIELDS)
+# Fields tried in order for the record key; the envelope's AppId and EventId come last.
+KEY_FIELDS = ("RoomId", "PublicStreamId", "TaskId")
+
+# Headers of the raw record, written by the shim beside the body.
+HEADER_EVENT_TYPE = "rtcbus.event_type"
+HEADER_EVENT_ID = "rtcbus.event_id"
+HEADER_APP_ID = "rtcbus.app_id"
+HEADER_VERSION = "rtcbus.version"
+HEADER_RECEIVED_AT = "rtcbus.received_at"
+# Headers the router adds: on a domain record, its schema; on a dead letter, why and from where.
+HEADER_SCHEMA = "rtcbus.schema"
+HEADER_ERROR_CLASS = "rtcbus.error.class"
+HEADER_ERROR_MESSAGE = "rtcbus.error.message"
+HEADER_ERROR_FIELD = "rtcbus.error.field"
+HEADER_SOURCE_TOPIC = "rtcbus.source.topic"
+HEADER_SOURCE_PARTITION = "rtcbus.source.partition"
+HEADER_SOURCE_OFFSET = "rtcbus.source.offset"
+HEADER_TRUNCATED = "rtcbus.dlq.truncated"
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MILLISECOND = timedelta(milliseconds=1)
 
@@ -266,3 +284,16 @@ def _text_or_none(value: object) -> str | None:
 
 def _short(exc: Exception) -> str:
     return str(exc)[:200]
+
+
+def partition_key(event_data: Mapping[str, object], app_id: str, event_id: str) -> str:
+    """The record key: RoomId, else PublicStreamId, else TaskId, else AppId, else EventId.
+
+    Duplicates of one event share it, so they land in one partition, which is what makes
+    per-partition dedupe correct; all events of a room share it, which keeps their order.
+    """
+    for name in KEY_FIELDS:
+        value = event_data.get(name)
+        if value not in (None, ""):
+            return str(value)
+    return app_id or event_id

@@ -48,9 +48,6 @@ DEFAULT_DOMAINS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
-# Fields tried in order for the record key; the envelope's AppId and EventId come last.
-KEY_FIELDS = ("RoomId", "PublicStreamId", "TaskId")
-
 
 @dataclass(frozen=True)
 class Route:
@@ -133,15 +130,3 @@ class RoutingTable:
         """Every distinct output topic (domains and ``unknown``), sorted."""
         return sorted(set(self._topic_of.values()))
 
-
-def partition_key(event_data: Mapping[str, object], app_id: str, event_id: str) -> str:
-    """The record key: RoomId, else PublicStreamId, else TaskId, else AppId, else EventId.
-
-    Duplicates of one event share it, so they land in one partition, which is what makes
-    per-partition dedupe correct; all events of a room share it, which keeps their order.
-    """
-    for field in KEY_FIELDS:
-        value = event_data.get(field)
-        if value not in (None, ""):
-            return str(value)
-    return app_id or event_id

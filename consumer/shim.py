@@ -33,18 +33,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
-from consumer.envelope import Envelope, SignatureVerifier, parse_envelope
+from consumer.envelope import (
+    HEADER_APP_ID,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_RECEIVED_AT,
+    HEADER_VERSION,
+    Envelope,
+    SignatureVerifier,
+    parse_envelope,
+)
 from consumer.errors import CallbackError, SignatureError
 from consumer.kafka.config import producer_config
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 
-HEADER_EVENT_TYPE = "rtcbus.event_type"
-HEADER_EVENT_ID = "rtcbus.event_id"
-HEADER_APP_ID = "rtcbus.app_id"
-HEADER_VERSION = "rtcbus.version"
-HEADER_RECEIVED_AT = "rtcbus.received_at"
 
 # How long /readyz waits for the raw topic's metadata; a probe must answer quickly.
 READINESS_TIMEOUT_S = 2.0

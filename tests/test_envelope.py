@@ -172,7 +172,7 @@ def test_key_policy(data, key):
 
 
 def test_key_falls_back_to_event_id_without_app_id():
-    from consumer.routing import partition_key
+    from consumer.envelope import partition_key
 
     assert partition_key({}, "", "evt-1") == "evt-1"
 

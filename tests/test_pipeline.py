@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from consumer.examples import load_examples
-from consumer.routing import RoutingTable, partition_key
+from consumer.envelope import partition_key
+from consumer.routing import RoutingTable
 from support import Stack, assert_carries, callback, decode_single_object, read_topic, wait_for
 
 pytestmark = pytest.mark.kafka
