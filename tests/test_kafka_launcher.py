@@ -17,7 +17,7 @@ from confluent_kafka.admin import AdminClient
 
 from consumer.kafka.admin import TopicSpec, create_topics, describe_topics, ensure_topics
 from consumer.kafka.config import admin_config, consumer_config, producer_config
-from consumer.kafka.launcher import LocalKafka
+from consumer.kafka.launcher import ExtraListener, LocalKafka, Node, _server_properties
 from consumer.settings import load_settings
 from kafka_helpers import consume, free_ports, produce
 
@@ -143,3 +143,42 @@ def test_start_on_a_taken_port_is_one_clear_line(tmp_path):
     [line] = result.stderr.splitlines()
     assert line.startswith(f"rtcbus: error: port {port} on 127.0.0.1 is taken")
     assert "RTCBUS_LOCAL_PORT" in line
+
+
+def _properties(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def test_an_extra_listener_is_added_beside_the_plain_one_and_absent_by_default(tmp_path):
+    node = Node(1, 19092, 19093, tmp_path)
+
+    plain = _properties(_server_properties(node, [node]))
+    proxied = _properties(_server_properties(node, [node], ExtraListener("PROXIED", 19100, 19200)))
+
+    assert plain["listeners"] == "PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
+    assert plain["advertised.listeners"] == "PLAINTEXT://127.0.0.1:19092"
+    assert plain["listener.security.protocol.map"] == "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    assert proxied["listeners"] == plain["listeners"] + ",PROXIED://127.0.0.1:19100"
+    assert proxied["advertised.listeners"] == plain["advertised.listeners"] + ",PROXIED://127.0.0.1:19200"
+    assert proxied["listener.security.protocol.map"] == plain["listener.security.protocol.map"] + ",PROXIED:PLAINTEXT"
+    assert proxied["inter.broker.listener.name"] == "PLAINTEXT"
+    with pytest.raises(Exception, match="reserved"):
+        LocalKafka(load_settings(), cluster_dir=tmp_path, extra_listeners={1: ExtraListener("CONTROLLER", 1, 2)})
+
+
+@pytest.mark.kafka
+def test_a_client_on_the_extra_listener_is_told_the_advertised_port(kafka_dist, tmp_path):
+    first = free_ports(4)
+    extra = ExtraListener("PROXIED", first + 2, first + 3)
+    cluster = LocalKafka(
+        load_settings(kafka_home=kafka_dist, local_port=first), cluster_dir=tmp_path / "cluster",
+        extra_listeners={1: extra},
+    )
+    bootstrap = cluster.start()
+    try:
+        plain = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
+        proxied = AdminClient({"bootstrap.servers": f"127.0.0.1:{extra.port}"}).list_topics(timeout=10)
+        assert [(b.host, b.port) for b in plain.brokers.values()] == [("127.0.0.1", first)]
+        assert [(b.host, b.port) for b in proxied.brokers.values()] == [("127.0.0.1", extra.advertised_port)]
+    finally:
+        cluster.stop()

@@ -17,6 +17,11 @@ Files under ``settings.home``::
 
 Each node is broker and controller in one process. Node ``i`` (from 1) listens for clients on
 ``local_port + 2*(i-1)`` and for its controller on the port after that.
+
+A node can be given one more client listener (:class:`ExtraListener`), e.g. one that advertises
+the port of a proxy in front of it, so that a client bootstrapping through the proxy makes
+every connection through it (fault tests cut a client off that way) while other clients use
+the plain listener. Without one, nothing changes.
 """
 
 from __future__ import annotations
@@ -235,6 +240,21 @@ class Node:
 
 
 @dataclass(frozen=True)
+class ExtraListener:
+    """A second client listener of one node (PLAINTEXT, on ``HOST``).
+
+    The node listens on ``port`` and tells clients that connect there to reach it at
+    ``advertised_port``: a proxy forwarding ``advertised_port`` to ``port`` then carries every
+    connection of a client that bootstraps from it.
+    """
+
+    name: str
+    """The listener's name, e.g. ``PROXIED``; not ``PLAINTEXT`` or ``CONTROLLER``."""
+    port: int
+    advertised_port: int
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     node: Node
     pid: int | None
@@ -248,13 +268,29 @@ class LocalKafka:
     with the broker count and ports it last ran with unless the settings name others.
     """
 
-    def __init__(self, settings: Settings, *, cluster_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        cluster_dir: Path | None = None,
+        extra_listeners: dict[int, ExtraListener] | None = None,
+    ) -> None:
         """
         Args:
             settings: provides the jars (see :func:`provision`), ``brokers`` and ``local_port``.
             cluster_dir: where the cluster's data and logs live; default
                 ``settings.home / "kafka" / "cluster"``.
+            extra_listeners: by node id, one more client listener for that node, written to
+                its configuration at every start by this object (not kept in the cluster's
+                state: a later ``LocalKafka`` without them starts the nodes without them).
+
+        Raises:
+            KafkaLaunchError: an extra listener reuses a reserved listener name.
         """
+        for listener in (extra_listeners or {}).values():
+            if listener.name.upper() in ("PLAINTEXT", "CONTROLLER"):
+                raise KafkaLaunchError(f"extra listener name {listener.name} is reserved")
+        self._extra_listeners = dict(extra_listeners or {})
         self._settings = settings
         self.cluster_dir = cluster_dir or settings.home / "kafka" / "cluster"
         self._state_file = self.cluster_dir / "cluster.json"
@@ -327,13 +363,17 @@ class LocalKafka:
         for node in to_start:
             _check_port_free(node.port)
             _check_port_free(node.controller_port)
+            if node.node_id in self._extra_listeners:
+                _check_port_free(self._extra_listeners[node.node_id].port)
 
         dist = provision(settings)
         cluster_id = state["cluster_id"] if state is not None else _new_cluster_id()
         self._write_state(cluster_id, brokers, first_port, kafka_version_of(dist))
         for node in to_start:
             node.log_dir.mkdir(parents=True, exist_ok=True)
-            node.config_file.write_text(_server_properties(node, nodes))
+            node.config_file.write_text(
+                _server_properties(node, nodes, self._extra_listeners.get(node.node_id))
+            )
         self._format(
             [node for node in to_start if not (node.data_dir / "meta.properties").exists()],
             java, dist, cluster_id,
@@ -501,7 +541,7 @@ class LocalKafka:
         return pid
 
 
-def _server_properties(node: Node, nodes: list[Node]) -> str:
+def _server_properties(node: Node, nodes: list[Node], extra: ExtraListener | None = None) -> str:
     # Internal topics (consumer offsets, transaction and share-group state) default to
     # replication factor 3; on fewer brokers they must be told, or groups and transactions
     # fail in ways that look like client bugs.
@@ -512,9 +552,12 @@ def _server_properties(node: Node, nodes: list[Node]) -> str:
         "node.id": node.node_id,
         # A static quorum: the voters are fixed by the layout, and ports may change between starts.
         "controller.quorum.voters": ",".join(f"{n.node_id}@{HOST}:{n.controller_port}" for n in nodes),
-        "listeners": f"PLAINTEXT://{HOST}:{node.port},CONTROLLER://{HOST}:{node.controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{node.port}",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listeners": f"PLAINTEXT://{HOST}:{node.port},CONTROLLER://{HOST}:{node.controller_port}"
+        + (f",{extra.name}://{HOST}:{extra.port}" if extra else ""),
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{node.port}"
+        + (f",{extra.name}://{HOST}:{extra.advertised_port}" if extra else ""),
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        + (f",{extra.name}:PLAINTEXT" if extra else ""),
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": node.data_dir,
