@@ -333,6 +333,54 @@ def send(
         raise typer.Exit(1)
 
 
+# -- rtcbus audit ----------------------------------------------------------------------------
+
+
+def audit(
+    ctx: typer.Context,
+    since: Annotated[str | None, typer.Option(help="First raw timestamp to audit: RFC 3339 or epoch ms; default: the beginning.")] = None,
+    until: Annotated[str | None, typer.Option(help="Last raw timestamp to audit: RFC 3339 or epoch ms; default: the end.")] = None,
+    expect: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="EventIds a sender was answered 200 for, one per line."),
+    ] = None,
+    group: Annotated[str | None, typer.Option(help="The router's consumer group (env RTCBUS_GROUP_ID).")] = None,
+    settle_timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for open transactions to end.")] = 60.0,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object instead of the table.")] = False,
+) -> None:
+    """Compare raw with every output: lost, duplicated, out of order. Exit 1 on any, 2 if it cannot tell."""
+    from consumer import audit as auditing
+
+    try:
+        window = auditing.TimeRange(
+            since_ms=None if since is None else auditing.parse_time(since),
+            until_ms=None if until is None else auditing.parse_time(until),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    expected = auditing.read_expected(expect) if expect else None
+    # Exit status 1 means findings here, so a failure to audit at all is 2, said as elsewhere.
+    try:
+        settings = _settings(ctx, group_id=group)
+        with auditing.progress_bar() as on_progress:
+            observed = auditing.read_pipeline(
+                settings, window, group_id=settings.group_id, settle_timeout_s=settle_timeout,
+                on_progress=on_progress,
+            )
+    except RtcbusError as exc:
+        typer.echo(f"rtcbus: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KafkaException as exc:
+        typer.echo(f"rtcbus: Kafka error: {exc.args[0].str()}", err=True)
+        raise typer.Exit(2) from None
+    report = auditing.compare(observed, expected)
+    if json_output:
+        typer.echo(auditing.to_json(report))
+    else:
+        auditing.print_report(report)
+    raise typer.Exit(report.exit_code)
+
+
 # -- the command tree ------------------------------------------------------------------------
 
 app = _Rtcbus(no_args_is_help=True, add_completion=False)
@@ -358,6 +406,7 @@ app.command("tail")(tail)
 app.command("up")(up)
 app.command("shim")(shim)
 app.command("send")(send)
+app.command("audit")(audit)
 
 if __name__ == "__main__":
     app()
