@@ -19,11 +19,15 @@ import pytest
 from fastavro.schema import load_schema
 from fastavro.validation import validate
 
+from consumer.envelope import KEY_FIELDS
 from consumer.examples import Example, load_examples
 from consumer.routing import DEFAULT_DOMAINS
 
 AVRO = Path(__file__).parents[1] / "avro"
 PAGE = Path(__file__).parents[2] / "shared" / "spec" / "rtc-callback-events.md"
+README = AVRO / "README.md"
+# The first contract, as it was before every non-id field became optional: the writer of old data.
+OLD_AVRO = Path(__file__).parent / "data" / "contract-v1"
 
 ENVELOPE = ["EventId", "EventType", "EventTime", "AppId", "Version"]
 SHARED_TYPES = ["Source", "Stream", "RecordFile", "AudioData", "ImageData", "SongUpdate", "Image"]
@@ -172,19 +176,23 @@ def appears_in(record: str, field: str) -> str:
 
 # ---------------------------------------------------------------------------------- the schemas
 
-def raw(name: str) -> dict:
-    return json.loads((AVRO / f"{name}.avsc").read_text(encoding="utf-8"))
+def raw(name: str, directory: Path = AVRO) -> dict:
+    return json.loads((directory / f"{name}.avsc").read_text(encoding="utf-8"))
 
 
-def record_json(record: str) -> dict:
+def record_json(record: str, directory: Path = AVRO) -> dict:
     """The JSON of an EventType's EventData record, or of a shared type."""
     if record in EVENT_TYPES:
-        return next(f["type"] for f in raw(record)["fields"] if f["name"] == "EventData")
-    return raw(f"rtcbus.{record}")
+        return next(f["type"] for f in raw(record, directory)["fields"] if f["name"] == "EventData")
+    return raw(f"rtcbus.{record}", directory)
 
 
-def fields_of(record: str) -> dict[str, dict]:
-    return {f["name"]: f for f in record_json(record)["fields"]}
+def fields_of(record: str, directory: Path = AVRO) -> dict[str, dict]:
+    return {f["name"]: f for f in record_json(record, directory)["fields"]}
+
+
+def old_fields_of(record: str) -> dict[str, dict]:
+    return fields_of(record, OLD_AVRO)
 
 
 def base_type(field: dict):
@@ -354,19 +362,73 @@ def test_field_types_follow_the_page_types(record):
             assert base_type(fields[name]) == expected, f"{variant.section}: {record}.{name}"
 
 
+def required_of(record: str) -> set[str]:
+    return {name for name, field in fields_of(record).items() if not is_optional(field)}
+
+
+@cache
+def documented_required() -> dict[str, set[str]]:
+    """avro/README.md's table "Required fields per record": record -> its required fields."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### Required fields per record") :]
+    section = section[: section.index("\n## ")]
+    rows = {}
+    for line in section.splitlines():
+        row = re.match(r"\| `(\w+)` \| ([^|]+) \|", line)
+        if row:
+            cell = row.group(2).strip()
+            rows[row.group(1)] = set() if cell == "none" else {n.strip() for n in cell.split(",")}
+    return rows
+
+
+def test_the_readme_table_names_every_record_once():
+    assert sorted(documented_required()) == sorted(RECORDS + ["Source"])
+
+
+@pytest.mark.parametrize("record", RECORDS + ["Source"])
+def test_required_fields_are_the_ones_the_readme_table_gives(record):
+    assert required_of(record) == documented_required()[record]
+
+
 @pytest.mark.parametrize("record", RECORDS)
-def test_required_fields_follow_the_rule(record):
-    """avro/README.md: required iff in every table, not marked optional, in every example."""
+def test_a_required_field_is_never_one_the_page_makes_optional(record):
+    """avro/README.md, limit 1: in every table, not marked optional, in every page example."""
     tables = tables_of(record)
     objects = example_objects(record)
+    for name in required_of(record):
+        assert all(name in table for _, table in tables), f"{record}.{name}: not in every table"
+        assert not any(table[name].marked_optional for _, table in tables), f"{record}.{name}: marked"
+        assert objects and all(name in obj for obj in objects), f"{record}.{name}: not in every example"
+
+
+@pytest.mark.parametrize("record", RECORDS)
+def test_a_required_field_is_an_id_or_carries_ids(record):
+    """A missing id is a dead letter, a missing detail is a null: only ids are required."""
+    for name in required_of(record):
+        kind = resolve(base_type(fields_of(record)[name]))
+        if isinstance(kind, dict) and kind["type"] == "array":  # e.g. MusicRemoved.SongUpdate
+            item = kind["items"].removeprefix("rtcbus.")
+            assert any(field.endswith("Id") for field in required_of(item)), f"{record}.{name}"
+        else:
+            assert name.endswith("Id") and name not in ("AppId", "BusinessId"), f"{record}.{name}"
+
+
+@pytest.mark.parametrize("record", RECORDS)
+def test_every_other_field_is_optional_with_a_null_default_and_says_why(record):
     for name, field in fields_of(record).items():
-        in_every_table = all(name in table for _, table in tables)
-        marked = any(table[name].marked_optional for _, table in tables if name in table)
-        in_every_example = bool(objects) and all(name in obj for obj in objects)
-        required = in_every_table and not marked and in_every_example
-        assert is_optional(field) is not required, f"{record}.{name}"
-        if is_optional(field):
-            assert field["default"] is None
+        if name not in required_of(record):
+            assert field["type"][0] == "null" and field["default"] is None, f"{record}.{name}"
+            assert " Optional: " in field["doc"], f"{record}.{name}"
+
+
+@pytest.mark.parametrize("event_type", EVENT_TYPES)
+def test_the_record_key_field_is_required_unless_an_old_contract_had_it_optional(event_type):
+    key_field = next((name for name in KEY_FIELDS if name in fields_of(event_type)), None)
+    if key_field is None:  # MusicRemoved: keyed by the envelope's AppId
+        assert event_type == "MusicRemoved"
+        return
+    was_optional = is_optional(old_fields_of(event_type)[key_field])
+    assert is_optional(fields_of(event_type)[key_field]) is was_optional, f"{event_type}.{key_field}"
 
 
 @pytest.mark.parametrize("event_type", [t for t in EVENT_TYPES if len(variants_of(t)) > 1])
@@ -522,3 +584,99 @@ def test_one_reader_schema_reads_every_variants_writer_shape(variant):
     assert read == _with_defaults(value, reader)
     absent = set(fields_of(variant.event_type)) - set(variant.tables["EventData"])
     assert all(read["EventData"][name] is None for name in absent)
+
+
+# ---------------------------------------------------------------------------------- compatibility
+
+OLD_FILES = sorted(p.stem for p in OLD_AVRO.glob("*.avsc"))
+
+
+def test_the_first_contract_is_kept_whole():
+    assert OLD_FILES == sorted(ALL_FILES)
+
+
+@cache
+def old_parsed(name: str) -> dict:
+    return load_schema(OLD_AVRO / f"{name}.avsc")
+
+
+def _field_resolves(old, new, path: str, problems: list) -> None:
+    """Avro schema resolution of writer type ``old`` against reader type ``new``, field by field."""
+    if isinstance(new, list) and not isinstance(old, list):
+        if old not in new and not any(_same_record(old, branch) for branch in new):
+            problems.append(f"{path}: {old} is no branch of {new}")
+        else:
+            match = next(b for b in new if b == old or _same_record(old, b))
+            _field_resolves(old, match, path, problems)
+        return
+    if isinstance(old, list) and not isinstance(new, list):
+        problems.append(f"{path}: optional became required")
+        return
+    if isinstance(old, dict) and old.get("type") == "record":
+        new_fields = {f["name"]: f for f in new["fields"]}
+        old_fields = {f["name"]: f for f in old["fields"]}
+        for name, field in new_fields.items():
+            if name not in old_fields and "default" not in field:
+                problems.append(f"{path}.{name}: new and without a default")
+        for name, field in old_fields.items():
+            if name in new_fields:
+                _field_resolves(field["type"], new_fields[name]["type"], f"{path}.{name}", problems)
+        return
+    if isinstance(old, dict) and old.get("type") == "array":
+        _field_resolves(old["items"], new["items"], f"{path}[]", problems)
+        return
+    if old != new:
+        problems.append(f"{path}: {old} became {new}")
+
+
+def _same_record(old, new) -> bool:
+    return isinstance(old, dict) and isinstance(new, dict) and old.get("name") == new.get("name")
+
+
+@pytest.mark.parametrize("name", OLD_FILES)
+def test_every_change_since_the_first_contract_resolves(name):
+    """Each field keeps its type or gains a null branch; none becomes required; new ones have defaults."""
+    problems: list = []
+    _field_resolves(raw(name, OLD_AVRO), raw(name), name, problems)
+    assert problems == []
+
+
+def _sample(kind, name: str, named: dict, fill: bool):
+    """A value of the Avro type ``kind``; optional fields filled (``fill``) or null."""
+    if isinstance(kind, str) and kind in named:
+        kind = named[kind]
+    if isinstance(kind, list):
+        branch = next(b for b in kind if b != "null") if fill else "null"
+        return None if branch == "null" else _sample(branch, name, named, fill)
+    if isinstance(kind, dict) and kind["type"] == "record":
+        named[kind["name"]] = kind
+        return {f["name"]: _sample(f["type"], f["name"], named, fill) for f in kind["fields"]}
+    if isinstance(kind, dict) and kind["type"] == "array":
+        return [_sample(kind["items"], name, named, fill)]
+    if isinstance(kind, dict) and kind["type"] == "map":
+        return {"EventData.New": '"x"'} if fill else {}
+    if isinstance(kind, dict) and kind.get("logicalType") == "timestamp-millis":
+        return datetime(2023, 11, 1, tzinfo=timezone.utc)
+    return {"string": f"{name}-value", "int": 7, "long": 2**40 + 7}[kind]
+
+
+def _write_old_read_new(name: str, value: dict) -> dict:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, old_parsed(name), value)
+    buffer.seek(0)
+    return fastavro.schemaless_reader(buffer, old_parsed(name), parsed(name))
+
+
+@pytest.mark.parametrize("fill", [True, False], ids=["optional-filled", "optional-null"])
+@pytest.mark.parametrize("name", EVENT_TYPES + ["UnknownEvent"])
+def test_records_written_with_the_first_contract_read_with_the_current_one(name, fill):
+    value = _sample(old_parsed(name), name, {}, fill)
+    assert _write_old_read_new(name, value) == value
+
+
+@pytest.mark.parametrize("example", load_examples(), ids=lambda e: e.section)
+def test_the_pages_examples_written_with_the_first_contract_read_with_the_current_one(example):
+    record, _ = _record_of(example)
+    assert validate(record, old_parsed(example.event_type), raise_errors=True)
+    assert _write_old_read_new(example.event_type, record) == record
+
