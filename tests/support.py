@@ -148,12 +148,18 @@ class Stack:
         wait_for(healthy, 60, "the shim to answer /healthz")
         return shim
 
-    def start_router(self, instance: str = "0") -> RtcbusProcess:
+    def start_router(self, instance: str | None = "0", **env: str) -> RtcbusProcess:
+        """A router named ``RTCBUS_INSTANCE_ID=router-<instance>``; with ``instance=None`` the
+        variable is left out, so replicas started that way have identical settings.
+        ``env`` adds or overrides ``RTCBUS_*`` variables for this router only."""
+        name = f"router-{instance}" if instance is not None else "router"
+        instance_env = {"RTCBUS_INSTANCE_ID": f"router-{instance}"} if instance is not None else {}
         return self._spawn(
             ["router"],
-            f"router-{instance}",
-            RTCBUS_INSTANCE_ID=f"router-{instance}",
+            name,
+            **instance_env,
             RTCBUS_METRICS_PORT=str(free_ports(1)),
+            **env,
         )
 
     def _spawn(self, command: list[str], name: str, **env: str) -> RtcbusProcess:
