@@ -3,6 +3,7 @@ through readers that are not the project's codec."""
 
 import io
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -108,6 +109,29 @@ def test_naming_the_union_branch_writes_what_fastavro_would_resolve(source):
         fastavro.schemaless_writer(plain, schemas[name].parsed, record)
         assert codec.encode(name, record)[10:] == plain.getvalue(), name
         assert json.dumps(record, sort_keys=True) == before  # the caller's record is untouched
+
+
+def ids_only(example) -> bytes:
+    """The example's callback with only the EventData fields its model requires (its ids)."""
+    data_model = models()[example.event_type].model_fields["EventData"].annotation
+    kept = {k: v for k, v in example.event_data.items() if k in data_model.model_fields
+            and data_model.model_fields[k].is_required()}
+    return signed_callback(replace(example, event_data=kept))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: f"{e.event_type}-{e.version}")
+def test_a_record_of_nulls_picks_the_null_branches_in_both_wire_formats(example):
+    name, record = models().to_record(parse_envelope(ids_only(example)), Source("raw", 0, 1))
+    nulls = [k for k, v in record["EventData"].items() if v is None]
+    assert nulls  # every EventType has details, and they were left out
+    plain = io.BytesIO()
+    fastavro.schemaless_writer(plain, contract()[name].parsed, record)
+    single = SingleObjectCodec(contract())
+    data = single.encode(name, record)
+    assert data[10:] == plain.getvalue()
+    assert single.decode(data)["EventData"] == record["EventData"]
+    confluent = ConfluentCodec(contract(), "mock://null-branches")
+    assert confluent.decode(confluent.encode(name, record, "t"), "t")["EventData"] == record["EventData"]
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: f"{e.event_type}-{e.version}")
