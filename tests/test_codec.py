@@ -18,7 +18,7 @@ from consumer.envelope import SignatureVerifier, parse_envelope, sign
 from consumer.errors import EncodingError
 from consumer.events import Source, models
 from consumer.examples import load_examples
-from consumer.schemas import contract
+from consumer.schemas import SchemaSet, contract
 from support import assert_carries
 
 AVRO_DIR = Path(__file__).parents[1] / "avro"
@@ -233,3 +233,20 @@ def test_model_fields_are_the_schema_fields(name):
     for avro_field in data_schema["fields"]:
         pydantic_field = data_model.model_fields[avro_field["name"]]
         assert pydantic_field.is_required() == ("default" not in avro_field), avro_field["name"]
+
+
+# -- records on the topics from before the contract changed ---------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=EncodingError,
+    reason="SingleObjectCodec.decode knows only the current fingerprints; a record written with "
+    "tests/data/contract-v1 needs that schema as the writer (not fixed yet: consumer/codec.py)",
+)
+def test_single_object_records_of_the_first_contract_still_decode():
+    old = SchemaSet.load(Path(__file__).parent / "data" / "contract-v1")
+    example = next(e for e in EXAMPLES if e.event_type == "UserLeaveRoom")
+    name, record = models().to_record(parse_envelope(signed_callback(example)))
+    data = SingleObjectCodec(old).encode(name, record)
+    assert SingleObjectCodec(contract()).decode(data)["EventData"] == record["EventData"]
