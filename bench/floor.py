@@ -5,8 +5,8 @@ Run alone: .venv/bin/python -m bench.floor [--events 5000] [--rounds 5]
 The throughput targets against the textbook loop and Quix Streams are ratios of events/s.
 This section says what bounds them: each step the router must take for every callback
 (parse the JSON, validate into the typed model, encode Avro) timed on its own over the
-workload's mixed batch, next to the router's whole per-record work (``Router._route``, its
-producer only queueing locally) and the textbook's (``json.loads``, the pydantic model,
+workload's mixed batch, next to the router's whole pure per-record step (``Transform.apply`` and
+the dedupe window; producing is the output's, and is not timed here) and the textbook's (``json.loads``, the pydantic model,
 ``AvroSerializer``). CPU time (``time.process_time``), the best of ``rounds``: the floor
 of each step, not what a busy machine makes of it.
 
@@ -27,10 +27,9 @@ from consumer.envelope import parse_envelope
 from consumer.events import Source, models
 from consumer.schemas import contract
 
-# A port nothing listens on: the router's producer queues locally and sends nothing.
-_NOWHERE = "127.0.0.1:9"
+_NOWHERE = "127.0.0.1:9"  # a port nothing listens on; nothing dials it
 SHARED = "shared floor: json.loads, pydantic validate and dump, Avro encode"
-ROUTE = "rtcbus Router._route, all of it"
+ROUTE = "rtcbus Transform.apply and the window, all of the pure step"
 TEXTBOOK = "textbook per record, without Kafka"
 
 
@@ -86,38 +85,28 @@ def _shared(body: bytes, event_models, codec: SingleObjectCodec) -> bytes:
 def _route_cpu_us(records: Sequence[RawRecord], rounds: int) -> float:
     from confluent_kafka import Message
 
-    from consumer.router import Router
+    from consumer.router import Routed, Transform
+    from consumer.router.dedupe import DedupeWindow
     from consumer.settings import load_settings
 
-    settings = load_settings(
-        bootstrap_servers=_NOWHERE, topic_prefix="floor", partitions=3, exactly_once=False,
-        metrics_port=0, kafka_config={"reconnect.backoff.ms": "60000",
-                                      "reconnect.backoff.max.ms": "60000"},
-    )
-    router = Router(settings)
+    # The bootstrap address is never dialled: the transform holds no Kafka client.
+    settings = load_settings(bootstrap_servers=_NOWHERE, topic_prefix="floor", partitions=3)
+    transform = Transform.from_settings(settings)
     messages = [
         Message(topic=settings.raw_topic, partition=n % 3, offset=n // 3, key=r.key, value=r.body,
-                timestamp=(1, 1_700_000_000_000 + n))
+                timestamp=(2, 1_700_000_000_000 + n))
         for n, r in enumerate(records)
     ]
 
     def work() -> None:
-        # A fresh start each round: an empty window, nothing queued, nothing processed.
-        router._dedupe.abort()
-        router._markers, router._processed = {}, {}
-        router._owned, router._in_transaction = {0, 1, 2}, True
-        router._producer.purge()
+        # A fresh window each round: the first sighting of every EventId, as in the drain.
+        window = DedupeWindow(15 * 60 * 1000)
         for message in messages:
-            router._route(message)
-        router.metrics.flush()
+            outcome = transform.apply(message, window.seen)
+            if type(outcome) is Routed:
+                window.add(message.partition(), outcome.event_id, message.timestamp()[1])
 
-    try:
-        return cpu_us(work, len(messages), rounds)
-    finally:
-        # Its clients would go on trying to reach nowhere for the rest of the suite.
-        router._producer.purge()
-        router._consumer.close()
-        router._restorer.close()
+    return cpu_us(work, len(messages), rounds)
 
 
 def _textbook_cpu_us(records: Sequence[RawRecord], rounds: int) -> float:

@@ -188,7 +188,7 @@ def schemas_list(ctx: typer.Context) -> None:
 
 def router(
     ctx: typer.Context,
-    instance_id: Annotated[str | None, typer.Option(help="Stable id of this instance (env RTCBUS_INSTANCE_ID).")] = None,
+    instance_id: Annotated[str | None, typer.Option(help="Fixes the transactional.id to <group>-<id>; default: unique per process (env RTCBUS_INSTANCE_ID).")] = None,
     commit_interval_ms: Annotated[int | None, typer.Option(help="Commit at least this often (env RTCBUS_COMMIT_INTERVAL_MS).")] = None,
     dedupe_window_s: Annotated[float | None, typer.Option(help="Remember EventIds this long (env RTCBUS_DEDUPE_WINDOW_S).")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (env RTCBUS_METRICS_PORT).")] = None,

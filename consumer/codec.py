@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import fastavro
 
-from consumer.errors import EncodingError
+from consumer.errors import EncodingError, InfrastructureError
 from consumer.schemas import SchemaSet
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -159,10 +159,25 @@ class ConfluentCodec:
     def encode(self, name: str, record: Mapping[str, Any], topic: str) -> bytes:
         from confluent_kafka.serialization import MessageField, SerializationContext
 
+        import httpx
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
         try:
             data = self._serializers[name](record, SerializationContext(topic, MessageField.VALUE))
         except _WRITER_ERRORS as exc:
             raise _does_not_fit(name, record, exc) from exc
+        except SchemaRegistryError as exc:
+            # A 4xx (say, an incompatible schema) will fail for this record however often it
+            # is retried; a 5xx or no answer is the registry's outage, not the record's fault.
+            if 400 <= exc.http_status_code < 500:
+                raise EncodingError(
+                    f"{name}: the Schema Registry refused the schema: {exc.error_message}",
+                    event_type=record.get("EventType"),
+                    event_id=record.get("EventId"),
+                ) from exc
+            raise InfrastructureError(f"the Schema Registry failed: {exc}") from exc
+        except (OSError, httpx.TransportError) as exc:  # no answer at all
+            raise InfrastructureError(f"the Schema Registry is unreachable: {exc}") from exc
         self._schema_ids.setdefault((name, topic), str(struct.unpack(">I", data[1:5])[0]))
         return data
 

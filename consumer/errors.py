@@ -73,5 +73,12 @@ class EncodingError(CallbackError):
     """A validated event could not be encoded to, or decoded from, Avro."""
 
 
+class InfrastructureError(RtcbusError):
+    """A service the work depends on (Kafka, the Schema Registry) failed or is unreachable.
+
+    Never a reason to dead-letter a record: the work is retried or the process stops.
+    """
+
+
 class KafkaLaunchError(RtcbusError):
     """The local Kafka could not be provisioned, started or stopped."""

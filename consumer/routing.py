@@ -7,7 +7,7 @@ routed to the ``unknown`` domain, never dropped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -101,13 +101,47 @@ class RoutingTable:
         self._topic_of = MappingProxyType(topic_of)
 
     @classmethod
-    def from_settings(cls, settings: object) -> RoutingTable:
-        """Build the table from a :class:`consumer.settings.Settings`."""
-        return cls(
+    def from_settings(cls, settings: object, event_types: Iterable[str] | None = None) -> RoutingTable:
+        """Build the table from a :class:`consumer.settings.Settings`.
+
+        Args:
+            event_types: the EventTypes of the contract (``SchemaSet.event_types``); when
+                given, the table must route exactly those.
+
+        Raises:
+            ConfigError: an override is wrong, or the table and the contract disagree on
+                which EventTypes exist.
+        """
+        table = cls(
             topic_prefix=settings.topic_prefix,  # type: ignore[attr-defined]
             routes=settings.routes,  # type: ignore[attr-defined]
             topics=settings.topics,  # type: ignore[attr-defined]
         )
+        if event_types is not None:
+            table.require(event_types)
+        return table
+
+    def require(self, event_types: Iterable[str]) -> None:
+        """Check that this table routes exactly ``event_types``, the contract's.
+
+        Raises:
+            ConfigError: naming the EventTypes only one side knows.
+        """
+        wanted = set(event_types)
+        unrouted = sorted(wanted - set(self._routes))
+        unschemaed = sorted(set(self._routes) - wanted)
+        if unrouted or unschemaed:
+            raise ConfigError(
+                "the routing table and the Avro contract disagree: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"without a domain: {', '.join(unrouted)}" if unrouted else "",
+                        f"without a schema: {', '.join(unschemaed)}" if unschemaed else "",
+                    )
+                    if part
+                )
+            )
 
     def route(self, event_type: str) -> Route:
         """The route of ``event_type``; unknown EventTypes go to the ``unknown`` domain."""

@@ -120,7 +120,13 @@ class Settings(BaseSettings):
 
     # -- router -------------------------------------------------------------------------------------
     group_id: str = "rtcbus-router"
-    instance_id: str = Field("router-0", description="Stable per router instance (fences zombies).")
+    instance_id: str | None = Field(
+        None,
+        description=(
+            "The router's transactional.id is <group_id>-<instance_id>. Unset (the default): "
+            "unique per process, so replicas with identical settings never fence each other."
+        ),
+    )
     commit_interval_ms: int = Field(100, ge=1)
     commit_max_records: int = Field(1000, ge=1)
     # False: the router commits consumer offsets after flushing its output instead of using

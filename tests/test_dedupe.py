@@ -1,4 +1,4 @@
-from consumer.dedupe import DedupeWindow
+from consumer.router.dedupe import DedupeWindow
 
 
 def test_pending_ids_are_seen_and_forgotten_on_abort():

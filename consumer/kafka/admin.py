@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (
-    AdminClient, ClusterMetadata, ConfigResource, ConfigSource, NewTopic, ResourceType,
+    AdminClient, AlterConfigOpType, ClusterMetadata, ConfigEntry, ConfigResource, ConfigSource,
+    NewTopic, ResourceType,
 )
 
 from consumer.errors import ConfigError, RtcbusError
@@ -26,6 +27,9 @@ from consumer.settings import Settings
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
+# The router's dedupe window runs on the raw records' timestamps: the broker's append time,
+# which no shim's clock can skew (a shim's CreateTime an hour fast would expire EventIds early).
+RAW_TOPIC_CLOCK = {"message.timestamp.type": "LogAppendTime"}
 # How long the first metadata request may take: librdkafka reports an unreachable cluster
 # only when the request times out, and a person waiting for that should not wait long.
 CONNECT_TIMEOUT_S = 10.0
@@ -89,6 +93,8 @@ def topic_specs(settings: Settings, broker_count: int) -> list[TopicSpec]:
         else:
             # The broker's default (1 MiB + 12 bytes) is below a full-size body with headers.
             config["max.message.bytes"] = str(settings.max_record_bytes)
+        if name == settings.raw_topic:
+            config.update(RAW_TOPIC_CLOCK)
         specs.append(TopicSpec(name, settings.partitions, replication, config))
     return specs
 
@@ -105,7 +111,27 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
     """
     admin = _admin_client(settings)
     metadata = _metadata(admin, settings, min(timeout_s, CONNECT_TIMEOUT_S))
-    return _create(admin, settings, topic_specs(settings, len(metadata.brokers)), metadata, timeout_s)
+    created = _create(admin, settings, topic_specs(settings, len(metadata.brokers)), metadata, timeout_s)
+    if settings.raw_topic in metadata.topics:
+        _set_config(admin, settings.raw_topic, RAW_TOPIC_CLOCK, timeout_s)
+    return created
+
+
+def _set_config(admin: AdminClient, topic: str, config: Mapping[str, str], timeout_s: float) -> None:
+    """Set ``config`` on an existing ``topic`` (a raw topic from before it had to be so)."""
+    resource = ConfigResource(
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+            for name, value in config.items()
+        ],
+    )
+    for future in admin.incremental_alter_configs([resource], request_timeout=timeout_s).values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            raise RtcbusError(f"cannot configure topic {topic}: {exc.args[0].str()}") from exc
 
 
 def create_topics(settings: Settings, specs: Iterable[TopicSpec], *, timeout_s: float = 30.0) -> list[str]:

@@ -1,6 +1,7 @@
-"""The router's EventId window: which events a partition has already turned into records.
+"""The router's EventId window, and the changelog that persists it.
 
-Pure bookkeeping; the router persists it. Every EventId the router writes out is also
+:class:`DedupeWindow` is pure bookkeeping: which events a partition has already turned
+into records. :class:`DedupeLog` reads it back from Kafka. Every EventId the router writes out is also
 written, inside the same Kafka transaction, as a marker to a changelog topic that is
 co-partitioned with the raw topic. On assignment the router reads a partition's markers
 of the last window back into this structure, so a duplicate is recognised after a restart
@@ -12,8 +13,12 @@ records were never committed, so their retries must go through); a commit keeps 
 
 from __future__ import annotations
 
+import json
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 
 class DedupeWindow:
@@ -77,3 +82,102 @@ class DedupeWindow:
             if timestamp_ms >= horizon:
                 break
             del window[event_id]
+
+
+# -- the changelog ---------------------------------------------------------------------------
+
+MARKERS_PER_RECORD = 1000  # EventIds per marker record: ~60 kB at most
+
+
+def marker_records(markers: dict[int, list[tuple[str, int]]]) -> Iterator[tuple[int, bytes, int]]:
+    """The changelog records for ``markers`` (raw partition → ``[(EventId, raw timestamp)]``):
+    ``(partition, value, timestamp_ms)``, up to :data:`MARKERS_PER_RECORD` pairs a record,
+    each timestamped with its newest pair so that a restore seeking by time finds it."""
+    for partition, pairs in markers.items():
+        for start in range(0, len(pairs), MARKERS_PER_RECORD):
+            chunk = pairs[start : start + MARKERS_PER_RECORD]
+            value = json.dumps(chunk, separators=(",", ":")).encode()
+            yield partition, value, max(timestamp for _, timestamp in chunk)
+
+
+def parse_marker_record(value: bytes | None, key: bytes | None, timestamp_ms: int) -> list[tuple[str, int]]:
+    """The ``(EventId, timestamp)`` pairs of one changelog record."""
+    if value:
+        return [(event_id, timestamp) for event_id, timestamp in json.loads(value)]
+    # The form earlier routers wrote: one EventId per record, in the key.
+    return [(key.decode(), timestamp_ms)] if key else []
+
+
+class DedupeLog:
+    """Reads the changelog back: the markers of one raw partition within the window.
+
+    It owns a consumer of its own (``read_committed``, never in a group), so that a restore
+    does not disturb the router's group consumer.
+
+    Args:
+        consumer: an unsubscribed ``read_committed`` consumer with ``enable.partition.eof``.
+        raw_topic, dedupe_topic: the co-partitioned topics.
+        window_ms: how far back before the resume point markers matter.
+        timeout_s: how long reading one partition may take before it fails.
+    """
+
+    def __init__(
+        self, consumer: Consumer, raw_topic: str, dedupe_topic: str, window_ms: int, timeout_s: float
+    ) -> None:
+        self._consumer = consumer
+        self._raw_topic = raw_topic
+        self._dedupe_topic = dedupe_topic
+        self._window_ms = window_ms
+        self._timeout_s = timeout_s
+
+    def markers(self, partition: int, resume_offset: int | None) -> list[tuple[str, int]]:
+        """The committed markers of ``partition`` within the window before the raw record at
+        ``resume_offset`` (None: the partition's start), oldest first.
+
+        The window is measured on the raw topic's clock (its LogAppendTime), so a router
+        back after an outage longer than the window still knows what preceded it.
+
+        Raises:
+            KafkaException: a lookup or a read failed or timed out.
+        """
+        since_ms = self._resume_time_ms(partition, resume_offset) - self._window_ms
+        (start,) = self._consumer.offsets_for_times(
+            [TopicPartition(self._dedupe_topic, partition, since_ms)], timeout=self._timeout_s
+        )
+        if start.error is not None:
+            raise KafkaException(start.error)
+        if start.offset < 0:
+            return []  # no marker that recent
+        found: list[tuple[str, int]] = []
+        for message in self._read(start):
+            found.extend(parse_marker_record(message.value(), message.key(), message.timestamp()[1]))
+        return found
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def _resume_time_ms(self, partition: int, offset: int | None) -> int:
+        now_ms = int(time.time() * 1000)
+        start = TopicPartition(self._raw_topic, partition, OFFSET_BEGINNING if offset is None else offset)
+        first = next(self._read(start), None)
+        return min(now_ms, first.timestamp()[1]) if first is not None else now_ms
+
+    def _read(self, start: TopicPartition) -> Iterator[Message]:
+        """Committed records of one partition, from ``start`` to its end."""
+        self._consumer.assign([start])
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            while time.monotonic() < deadline:
+                for message in self._consumer.consume(500, timeout=0.5):
+                    error = message.error()
+                    if error is None:
+                        yield message
+                    elif error.code() == KafkaError._PARTITION_EOF:
+                        return  # read_committed: the end is the last stable offset
+                    else:
+                        raise KafkaException(error)
+        finally:
+            self._consumer.unassign()
+        raise KafkaException(
+            KafkaError(KafkaError._TIMED_OUT, f"reading {start.topic} [{start.partition}] timed out")
+        )
