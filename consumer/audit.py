@@ -19,6 +19,7 @@ record), else *lost*.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -28,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from consumer.envelope import (
     HEADER_ERROR_CLASS,
@@ -39,6 +41,8 @@ from consumer.envelope import (
     parse_event_time,
 )
 from consumer.errors import EncodingError, RtcbusError, ValidationError
+
+log = logging.getLogger(__name__)
 
 # How many examples of each finding the table shows (JSON lists them all).
 EXAMPLES = 10
@@ -368,34 +372,35 @@ def read_pipeline(
         KafkaException: the broker failed.
     """
     from consumer.codec import codec_from_settings
-    from consumer.kafka.config import consumer_config
+    from consumer.kafka.config import admin_config
     from consumer.routing import RoutingTable
     from consumer.schemas import contract
 
     raw_topic, dlq_topic = settings.raw_topic, settings.dlq_topic
-    output_topics = RoutingTable.from_settings(settings).topics()
+    topics = [raw_topic, *RoutingTable.from_settings(settings).topics(), dlq_topic]
+    partitions = _partitions(settings, topics)
+    raw = [tp for tp in partitions if tp[0] == raw_topic]
     codec = codec_from_settings(settings, contract())
     # Committed offsets first: whatever the router committed by now has its outputs
     # committed too (same transaction), so reading the outputs afterwards sees them.
-    committed = read_committed_offsets(settings, group_id, raw_topic)
+    committed = read_committed_offsets(settings, group_id, raw)
 
-    consumer = Consumer(
-        {**consumer_config(settings, f"rtcbus-audit-{uuid.uuid4().hex[:12]}"), "enable.partition.eof": "true"}
-    )
+    admin = AdminClient({**admin_config(settings), "logger": log})
+    highs = _list_offsets(admin, partitions, OffsetSpec.latest())
+    starts = _list_offsets(admin, partitions, OffsetSpec.earliest())
+    if window.since_ms is not None:
+        found = _list_offsets(admin, raw, OffsetSpec.for_timestamp(window.since_ms))
+        starts.update({tp: highs[tp] if offset < 0 else offset for tp, offset in found.items()})  # -1: none that recent
+
+    consumer = _consumer(settings, f"rtcbus-audit-{uuid.uuid4().hex[:12]}", {"enable.partition.eof": "true"})
     try:
-        partitions = _partitions(consumer, [raw_topic, *output_topics, dlq_topic])
-        marks = {tp: _watermarks(consumer, tp) for tp in partitions}
-        starts = {tp: low for tp, (low, _) in marks.items()}
-        if window.since_ms is not None:
-            starts.update(_offsets_at(consumer, [tp for tp in partitions if tp[0] == raw_topic], window.since_ms))
-        highs = {tp: high for tp, (_, high) in marks.items()}
         consumer.assign([TopicPartition(topic, p, offset) for (topic, p), offset in starts.items()])
 
         collector = _Collector(raw_topic, dlq_topic, window, codec)
         read_to = dict(starts)  # the next offset of each partition to read
         at_end: set[tuple[str, int]] = set()
         # Raw is written without transactions: its end is its high watermark already.
-        settled = {tp for tp in partitions if tp[0] == raw_topic}
+        settled = set(raw)
         settle_deadline: float | None = None
         last_news = time.monotonic()
 
@@ -431,10 +436,10 @@ def read_pipeline(
                     continue
                 # Everything was read once; from now on, only settling is waited for.
                 settle_deadline = time.monotonic() + settle_timeout_s
-            for tp in at_end - settled:
-                highs[tp] = _watermarks(consumer, tp)[1]
-                if read_to[tp] >= highs[tp]:
-                    settled.add(tp)
+            waiting = at_end - settled
+            if waiting:
+                highs.update(_list_offsets(admin, sorted(waiting), OffsetSpec.latest()))
+                settled |= {tp for tp in waiting if read_to[tp] >= highs[tp]}
             if len(settled) == len(partitions) or time.monotonic() >= settle_deadline:
                 break
             # The broker aborts a dead producer's transaction on its own clock; new records
@@ -449,13 +454,13 @@ def read_pipeline(
         consumer.close()
 
 
-def read_committed_offsets(settings: Any, group_id: str, raw_topic: str) -> dict[int, int]:
-    """The committed offset of ``group_id`` per partition of the raw topic (negative: none)."""
-    from consumer.kafka.config import consumer_config
+def read_committed_offsets(settings: Any, group_id: str, partitions: Sequence[tuple[str, int]]) -> dict[int, int]:
+    """The committed offset of ``group_id`` per partition (negative: none yet).
 
-    consumer = Consumer(consumer_config(settings, group_id))
+    Asks the group coordinator without joining the group, so a running router is not disturbed.
+    """
+    consumer = _consumer(settings, group_id)
     try:
-        partitions = _partitions(consumer, [raw_topic])
         committed = consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=_METADATA_TIMEOUT_S)
         for tp in committed:
             if tp.error is not None:
@@ -465,31 +470,36 @@ def read_committed_offsets(settings: Any, group_id: str, raw_topic: str) -> dict
         consumer.close()
 
 
-def _partitions(consumer: Consumer, topics: Sequence[str]) -> list[tuple[str, int]]:
-    metadata = consumer.list_topics(timeout=_METADATA_TIMEOUT_S).topics
-    missing = [topic for topic in topics if topic not in metadata or metadata[topic].error is not None]
+def _consumer(settings: Any, group_id: str, extra: Mapping[str, str] | None = None) -> Consumer:
+    from consumer.kafka.config import consumer_config
+
+    # librdkafka's log lines (a failed connect, every few ms) go to logging, not stderr.
+    return Consumer({**consumer_config(settings, group_id), **(extra or {}), "logger": log})
+
+
+def _partitions(settings: Any, topics: Sequence[str]) -> list[tuple[str, int]]:
+    from consumer.kafka.admin import describe_topics
+
+    found = describe_topics(settings, topics)  # says so when Kafka does not answer
+    missing = [topic for topic, info in found.items() if info is None]
     if missing:
         raise RtcbusError(f"topic(s) not found: {', '.join(missing)} (`rtcbus topics create` makes them)")
-    return [(topic, p) for topic in topics for p in sorted(metadata[topic].partitions)]
+    return [(topic, p) for topic in topics for p in range(found[topic].partitions)]
 
 
-def _offsets_at(consumer: Consumer, partitions: list[tuple[str, int]], since_ms: int) -> dict[tuple[str, int], int]:
-    """The first offset at or after ``since_ms`` of each partition, from the broker's time index."""
-    found = consumer.offsets_for_times(
-        [TopicPartition(t, p, since_ms) for t, p in partitions], timeout=_METADATA_TIMEOUT_S
+def _list_offsets(admin: AdminClient, partitions: Sequence[tuple[str, int]], spec: OffsetSpec) -> dict[tuple[str, int], int]:
+    """The offset ``spec`` names in each partition.
+
+    Asked READ_UNCOMMITTED: ``latest`` is then the high watermark, records of open
+    transactions included; a read_committed consumer's ``get_watermark_offsets`` would
+    answer the last stable offset, and an open transaction would go unnoticed.
+    """
+    futures = admin.list_offsets(
+        {TopicPartition(t, p): spec for t, p in partitions},
+        isolation_level=IsolationLevel.READ_UNCOMMITTED,
+        request_timeout=_METADATA_TIMEOUT_S,
     )
-    offsets = {}
-    for tp in found:
-        if tp.error is not None:
-            raise KafkaException(tp.error)
-        # -1: nothing that recent, start at the end.
-        where = (tp.topic, tp.partition)
-        offsets[where] = tp.offset if tp.offset >= 0 else _watermarks(consumer, where)[1]
-    return offsets
-
-
-def _watermarks(consumer: Consumer, tp: tuple[str, int]) -> tuple[int, int]:
-    return consumer.get_watermark_offsets(TopicPartition(*tp), timeout=_METADATA_TIMEOUT_S)
+    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
 
 
 class _Collector:
