@@ -8,6 +8,7 @@ Every wait is bounded; the only fixed sleeps are the faults themselves and the w
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -21,8 +22,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
+import fastavro
+import fastavro.schema
 import httpx
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -30,7 +34,7 @@ from confluent_kafka.admin import AdminClient
 from consumer.kafka.launcher import ExtraListener, LocalKafka
 from consumer.routing import RoutingTable
 from consumer.settings import load_settings
-from support import RTCBUS, RtcbusProcess, Stack, callback, decode_single_object, wait_for
+from support import AVRO_DIR, RTCBUS, RtcbusProcess, Stack, callback, wait_for
 
 TRANSACTION_STATE_TOPIC = "__transaction_state"
 CONSUMER_OFFSETS_TOPIC = "__consumer_offsets"
@@ -335,7 +339,7 @@ class Workload:
     """
 
     def __init__(
-        self, stack: Stack, rooms: int = 24, interval_s: float = 0.25, max_per_room: int = 400,
+        self, stack: Stack, rooms: int = 20, interval_s: float = 0.4, max_per_room: int = 400,
         poison: dict[int, dict[int, str]] | None = None,
     ) -> None:
         self.stack, self.rooms, self.interval_s, self.max_per_room = stack, rooms, interval_s, max_per_room
@@ -604,6 +608,26 @@ def read_committed(bootstrap: str, topics: list[str], timeout_s: float = 60) -> 
         consumer.close()
 
 
+@cache
+def _schemas_by_fingerprint() -> dict[bytes, dict]:
+    schemas = {}
+    for path in AVRO_DIR.glob("*.avsc"):
+        if "." in path.stem:
+            continue  # a named type, loaded by the records that use it
+        schema = fastavro.schema.load_schema(path)
+        canonical = fastavro.schema.to_parsing_canonical_form(schema)
+        schemas[bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))] = schema
+    return schemas
+
+
+def decode(data: bytes) -> dict:
+    """An Avro single-object record, decoded with plain fastavro and the schema in ``avro/``
+    whose fingerprint it names (``support.decode_single_object``, with the schemas parsed once)."""
+    schema = _schemas_by_fingerprint().get(data[2:10])
+    assert data[:2] == b"\xc3\x01" and schema is not None, "no schema in avro/ has this fingerprint"
+    return fastavro.schemaless_reader(io.BytesIO(data[10:]), schema, None)
+
+
 @dataclass
 class Outcome:
     """What the checker found."""
@@ -634,7 +658,7 @@ def check(stack: Stack, workload: Workload) -> Outcome:
     by_room: dict[str, list[int]] = defaultdict(list)
     unexpected = []
     for message in domain:
-        record = decode_single_object(message.value())
+        record = decode(message.value())
         event_id = record["EventId"]
         counts[event_id] += 1
         if event_id not in attempted or message.topic() != stack.topic("stream"):
@@ -695,6 +719,16 @@ class CaseRecord:
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds each phase of the case took (set-up, workload, catch-up, check, audit)."""
+    _mark: float = field(default_factory=time.monotonic, repr=False)
+
+    def phase(self, name: str) -> None:
+        """Close the phase running since the last call, naming it."""
+        now = time.monotonic()
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - self._mark, 1)
+        self._mark = now
+
     def take(self, outcome: Outcome) -> None:
         self.sent, self.answered_200 = outcome.sent, outcome.answered_200
         self.delivered_once = outcome.delivered_once
@@ -735,7 +769,7 @@ class FaultReport:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "suite_s": round(time.monotonic() - self.started, 1),
-            "cases": [asdict(c) for c in self.cases.values()],
+            "cases": [{k: v for k, v in asdict(c).items() if not k.startswith("_")} for c in self.cases.values()],
         }
         self.path.write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -108,10 +108,11 @@ class Case:
 def case(kafka3: Cluster, fault_report: FaultReport, request: pytest.FixtureRequest, tmp_path: Path):
     """A healthy cluster, a Stack on fresh topics (6 partitions, RF 3), and the case's record.
     Afterwards every process of the case is stopped, paused brokers resumed."""
+    record = fault_report.case(request.node.nodeid, request.node.name.removeprefix("test_"))
     kafka3.wait_healthy()
     stack = Stack(kafka3.bootstrap, tmp_path, partitions=PARTITIONS)
     kafka3.wait_healthy([stack.raw_topic, *output_topics(stack)])
-    record = fault_report.case(request.node.nodeid, request.node.name.removeprefix("test_"))
+    record.phase("set-up")
     yield Case(kafka3, stack, Routers(stack), record, tmp_path)
     for node_id in list(kafka3._paused):
         kafka3.resume(node_id)
@@ -142,15 +143,19 @@ def verify(case: Case, workload: Workload, *, alive=(), expected_dead: Counter |
     records expected (none by default).
     """
     stack, record = case.stack, case.record
+    record.phase("rest of the workload")
     caught_up_error = None
     try:
         wait_caught_up(stack, case.routers, timeout_s=90)
     except AssertionError as exc:
         caught_up_error = exc
+    record.phase("catch-up")
     outcome = check(stack, workload)
     record.take(outcome)
+    record.phase("check")
     ledger = workload.write_ledger(case.tmp / "ledger.txt")
     status, audit, audit_output = run_audit(stack, ledger)
+    record.phase("audit")
     record.audit = f"exit {status}" + (
         f", lost {audit.get('lost')}, duplicated {audit.get('duplicated')}" if isinstance(audit, dict) else ""
     )
@@ -197,11 +202,15 @@ def test_01_raw_partition_leader_killed_and_restarted(case: Case):
     router = routers.start("0")
     workload = Workload(stack).start()
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
+    case.record.phase("start, until routing")
     leader = cluster.leader(stack.raw_topic, 0)
     cluster.kill(leader)
     time.sleep(OUTAGE_S)  # the outage
+    case.record.phase("outage")
     cluster.restart(leader)
+    case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+    case.record.phase("recovery")
     assert workload.running, "the fault must land mid-stream"
     workload.finish(min_total_s=35)
     verify(case, workload, alive=[router])
@@ -214,12 +223,15 @@ def test_02_transaction_coordinator_killed_and_restarted(case: Case):
     transactional_id = transactional_id_of(router, f"{stack.group}-router-0")
     workload = Workload(stack).start()
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
+    case.record.phase("start, until routing")
     coordinator = cluster.transaction_coordinator(transactional_id)
     case.record.notes.append(f"transactional.id {transactional_id} on node {coordinator}")
     cluster.kill(coordinator)
     time.sleep(OUTAGE_S)
     cluster.restart(coordinator)
+    case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+    case.record.phase("recovery")
     assert workload.running, "the fault must land mid-stream"
     workload.finish(min_total_s=35)
     verify(case, workload, alive=[router])
@@ -238,7 +250,9 @@ def test_03a_broker_killed_just_after_the_router_starts(case: Case):
     time.sleep(OUTAGE_S)
     router.assert_running()
     cluster.restart(victim)
+    case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+    case.record.phase("recovery")
     workload.finish(min_total_s=30)
     verify(case, workload, alive=[router])
 
@@ -249,6 +263,7 @@ def test_03b_broker_killed_during_a_rebalance(case: Case):
     first = routers.start("0")
     workload = Workload(stack).start()
     wait_routed(stack, routers, 200, 60, "the first router to route 200 records")
+    case.record.phase("start, until routing")
     coordinator = cluster.group_coordinator(stack.group)
     revoked_before = first.log().count("revoked partitions")
     admin = cluster.admin()
@@ -268,7 +283,9 @@ def test_03b_broker_killed_during_a_rebalance(case: Case):
     case.record.notes.append(f"group coordinator {coordinator} killed at: {trigger}")
     time.sleep(OUTAGE_S)
     cluster.restart(coordinator)
+    case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+    case.record.phase("recovery")
     wait_for(lambda: _two_members_with_partitions(cluster, stack.group), 60, "both routers to hold partitions", 0.5)
     workload.finish(min_total_s=35)
     verify(case, workload, alive=[first, second])
@@ -285,11 +302,14 @@ def test_04_broker_paused_longer_than_its_session(case: Case):
     router = routers.start("0")
     workload = Workload(stack).start()
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
+    case.record.phase("start, until routing")
     leader = cluster.leader(stack.raw_topic, 0)
     cluster.pause(leader)
     time.sleep(PAUSE_S)  # the fault
     cluster.resume(leader)
+    case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+    case.record.phase("recovery")
     cluster.wait_healthy([stack.raw_topic])
     assert workload.running, "the fault must land mid-stream"
     workload.finish(min_total_s=35)
@@ -302,12 +322,15 @@ def test_05_rolling_restart_of_all_brokers(case: Case):
     router = routers.start("0")
     workload = Workload(stack).start()
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
+    case.record.phase("start, until routing")
     topics = [stack.raw_topic, *output_topics(stack), f"{stack.prefix}.router.dedupe"]
     for node_id in cluster.node_ids:
         cluster.graceful_stop(node_id)
         cluster.start()
         cluster.wait_healthy(topics)  # back in every ISR before the next one goes
+    case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+    case.record.phase("recovery")
     assert workload.running, "the restarts must land mid-stream"
     workload.finish(min_total_s=30)
     verify(case, workload, alive=[router])
@@ -325,7 +348,9 @@ def test_06_router_killed_three_times(case: Case):
         assert workload.running, "every kill must land mid-stream"
         router.kill()
         router = routers.start("0")
+        case.record.phase("fault")
         case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+        case.record.phase("recovery")
     workload.finish(min_total_s=30)
     verify(case, workload, alive=[router])
 
@@ -338,6 +363,7 @@ def test_07_zombie_router_is_fenced(case: Case):
     workload = Workload(stack).start()
     wait_for(lambda: _two_members_with_partitions(cluster, stack.group), 60, "both routers to hold partitions", 0.5)
     wait_routed(stack, routers, 300, 60, "300 routed records")
+    case.record.phase("start, until routing")
     paused_at = time.monotonic()
     zombie.process.send_signal(signal.SIGSTOP)
     wait_for(
@@ -346,7 +372,9 @@ def test_07_zombie_router_is_fenced(case: Case):
     )
     time.sleep(max(ZOMBIE_PAUSE_S - (time.monotonic() - paused_at), 0))  # the rest of the pause
     zombie.process.send_signal(signal.SIGCONT)
+    case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+    case.record.phase("recovery")
     assert workload.running, "the zombie must wake mid-stream"
     workload.finish(min_total_s=40, more_s=8)
     if zombie.process.poll() is not None:
@@ -367,8 +395,11 @@ def test_08_three_identical_routers_one_killed(case: Case):
 
     wait_for(three_members, 60, "three routers with identical settings to hold partitions", 0.5)
     wait_routed(stack, routers, 300, 60, "300 routed records")
+    case.record.phase("start, until routing")
     replicas[1].kill()
+    case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+    case.record.phase("recovery")
     assert workload.running, "the kill must land mid-stream"
     workload.finish(min_total_s=35)
     verify(case, workload, alive=[replicas[0], replicas[2]])
@@ -384,6 +415,7 @@ def test_09_network_partition_longer_than_the_transaction_timeout(case: Case, to
     )
     workload = Workload(stack).start()
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
+    case.record.phase("start, until routing")
     names = toxiproxy.names()
     try:
         for name in names:
@@ -392,7 +424,9 @@ def test_09_network_partition_longer_than_the_transaction_timeout(case: Case, to
     finally:
         for name in names:
             toxiproxy.set_enabled(name, True)
+    case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic(), timeout_s=120))
+    case.record.phase("recovery")
     assert workload.running, "the partition must heal mid-stream"
     workload.finish(min_total_s=35)
     verify(case, workload, alive=[router])
