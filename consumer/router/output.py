@@ -238,6 +238,7 @@ class TransactionalOutput:
                 if not error.retriable() or time.monotonic() >= deadline or self._stopping():
                     raise
                 log.warning("retrying after %s", error.str())
+                time.sleep(0.1)  # a back-off for a call that failed at once, not a wait for it
 
 
 class AtLeastOnceOutput:
