@@ -9,6 +9,11 @@
   domain topic carries several record types.
 
 Schemas are parsed once, at construction; encoding a record does no schema work.
+
+Encoding always writes the current contract. Decoding also reads single-object records written
+with an earlier contract (``avro/history/``): the fingerprint names the old schema, which is the
+writer, and the current one of the same name is the reader, so the record comes back in the
+current shape.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 
 from consumer.errors import EncodingError, InfrastructureError
 from consumer.schemas import SchemaSet
@@ -27,6 +33,8 @@ SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 _HEADER_LENGTH = len(SINGLE_OBJECT_MAGIC) + 8
 # What fastavro's writer raises for a record that does not fit its schema.
 _WRITER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, struct.error)
+# What fastavro's reader raises for a body that does not decode (or resolve) with its schemas.
+_READER_ERRORS = (ValueError, EOFError, IndexError, UnicodeDecodeError, SchemaResolutionError)
 
 
 def _does_not_fit(name: str, record: Mapping[str, Any], exc: Exception) -> EncodingError:
@@ -54,7 +62,6 @@ class SingleObjectCodec:
     """Avro single-object encoding; needs no registry."""
 
     def __init__(self, schemas: SchemaSet) -> None:
-        self._schemas = schemas
         self._headers = {
             name: SINGLE_OBJECT_MAGIC + schema.fingerprint for name, schema in schemas.items()
         }
@@ -62,6 +69,15 @@ class SingleObjectCodec:
         self._ids = {name: schema.fingerprint.hex() for name, schema in schemas.items()}
         self._optional_records = {
             name: _optional_records(schema.parsed) for name, schema in schemas.items()
+        }
+        # fingerprint -> (what to call it in an error, writer schema, reader schema)
+        self._readers = {
+            fingerprint: (
+                f"{writer.name} (avro/history/{writer.history})" if writer.history else writer.name,
+                writer.parsed,
+                schemas[writer.name].parsed,
+            )
+            for fingerprint, writer in schemas.writers.items()
         }
 
     def encode(self, name: str, record: Mapping[str, Any], topic: str = "") -> bytes:
@@ -86,20 +102,25 @@ class SingleObjectCodec:
         return buffer.getvalue()
 
     def decode(self, data: bytes, topic: str = "") -> dict[str, Any]:
-        """Raises:
-            EncodingError: not single-object encoded, or written with an unknown schema.
+        """Decode a record written with the current contract or an earlier one; either way
+        it comes back in the current shape (fields an old writer lacked get their defaults).
+
+        Raises:
+            EncodingError: not single-object encoded, or written with an unknown schema, or
+                a body that does not decode with it.
         """
         if data[:2] != SINGLE_OBJECT_MAGIC or len(data) < _HEADER_LENGTH:
             raise EncodingError("not Avro single-object encoding (no C3 01 header)")
-        schema = self._schemas.by_fingerprint(data[2:_HEADER_LENGTH])
-        if schema is None:
+        reader = self._readers.get(data[2:_HEADER_LENGTH])
+        if reader is None:
             raise EncodingError(f"unknown schema fingerprint {data[2:_HEADER_LENGTH].hex()}")
+        label, writer_schema, reader_schema = reader
         try:
             return fastavro.schemaless_reader(
-                io.BytesIO(data[_HEADER_LENGTH:]), schema.parsed, schema.parsed
+                io.BytesIO(data[_HEADER_LENGTH:]), writer_schema, reader_schema
             )
-        except (ValueError, EOFError, IndexError, UnicodeDecodeError) as exc:
-            raise EncodingError(f"{schema.name}: body does not decode: {exc}") from exc
+        except _READER_ERRORS as exc:
+            raise EncodingError(f"{label}: body does not decode: {exc}") from exc
 
     def schema_id(self, name: str, topic: str = "") -> str:
         return self._ids[name]

@@ -27,7 +27,7 @@ AVRO = Path(__file__).parents[1] / "avro"
 PAGE = Path(__file__).parents[2] / "shared" / "spec" / "rtc-callback-events.md"
 README = AVRO / "README.md"
 # The first contract, as it was before every non-id field became optional: the writer of old data.
-OLD_AVRO = Path(__file__).parent / "data" / "contract-v1"
+OLD_AVRO = AVRO / "history" / "v1"
 
 ENVELOPE = ["EventId", "EventType", "EventTime", "AppId", "Version"]
 SHARED_TYPES = ["Source", "Stream", "RecordFile", "AudioData", "ImageData", "SongUpdate", "Image"]

@@ -238,15 +238,104 @@ def test_model_fields_are_the_schema_fields(name):
 # -- records on the topics from before the contract changed ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=EncodingError,
-    reason="SingleObjectCodec.decode knows only the current fingerprints; a record written with "
-    "tests/data/contract-v1 needs that schema as the writer (not fixed yet: consumer/codec.py)",
-)
-def test_single_object_records_of_the_first_contract_still_decode():
-    old = SchemaSet.load(Path(__file__).parent / "data" / "contract-v1")
+FIRST_CONTRACT = AVRO_DIR / "history" / "v1"
+
+
+def test_the_contract_knows_the_first_contracts_writers_but_lists_each_event_type_once():
+    schemas, first = contract(), SchemaSet.load(FIRST_CONTRACT)
+    assert sorted(schemas) == sorted(p.stem for p in AVRO_DIR.glob("*.avsc") if "." not in p.stem)
+    assert sorted(schemas.event_types) == sorted(set(schemas.event_types))
+    assert all(schemas[name].history is None for name in schemas)
+    changed = [name for name in first if first[name].fingerprint != schemas[name].fingerprint]
+    assert len(changed) == 36  # every schema that got an optional field
+    for name in first:
+        writer = schemas.by_fingerprint(first[name].fingerprint)
+        assert writer.name == name
+        assert writer.history == ("v1" if name in changed else None)
+    assert len(schemas.writers) == len(schemas) + len(changed)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: f"{e.event_type}-{e.version}")
+def test_single_object_records_of_the_first_contract_decode_in_the_current_shape(example):
+    name, record = models().to_record(parse_envelope(signed_callback(example)), Source("raw", 1, 2))
+    old = SingleObjectCodec(SchemaSet.load(FIRST_CONTRACT)).encode(name, record)
+    current = SingleObjectCodec(contract())
+    # All but UnknownEvent and the two whiteboard events (no field of theirs changed) are historic.
+    unchanged = {"UnknownEvent", "WbTranscodeProgressChanged", "WbTranscodeFinished"}
+    assert contract().by_fingerprint(old[2:10]).history == (None if name in unchanged else "v1")
+    decoded = current.decode(old)
+    assert decoded == current.decode(current.encode(name, record))
+    assert_carries(decoded["EventData"], example.event_data, "EventData", decoded["ExtraFields"])
+
+
+def _contract(folder: Path, data_fields: list, name: str = "Thing") -> None:
+    """One EventType ``name`` with the given EventData fields, as ``folder/<name>.avsc``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"type": "record", "name": f"{name}Data", "fields": data_fields}
+    schema = {
+        "type": "record", "name": name, "namespace": "rtcbus", "fields": [
+            {"name": "EventId", "type": "string"}, {"name": "EventData", "type": data},
+        ],
+    }
+    (folder / f"{name}.avsc").write_text(json.dumps(schema))
+
+
+def test_an_old_record_gets_the_current_shape_new_optional_fields_null(tmp_path):
+    _contract(tmp_path / "history" / "v1", [{"name": "RoomId", "type": "string"}])
+    _contract(tmp_path, [
+        {"name": "RoomId", "type": "string"},
+        {"name": "Reason", "type": ["null", "string"], "default": None},
+    ])
+    old = SingleObjectCodec(SchemaSet.load(tmp_path / "history" / "v1"))
+    data = old.encode("Thing", {"EventId": "e-1", "EventData": {"RoomId": "r-1"}})
+    decoded = SingleObjectCodec(SchemaSet.load(tmp_path)).decode(data)
+    assert decoded == {"EventId": "e-1", "EventData": {"RoomId": "r-1", "Reason": None}}
+
+
+def test_a_schema_neither_current_nor_historic_is_an_unknown_fingerprint(tmp_path):
+    _contract(tmp_path / "history" / "v1", [{"name": "RoomId", "type": "string"}])
+    _contract(tmp_path, [{"name": "RoomId", "type": ["null", "string"], "default": None}])
+    _contract(tmp_path / "elsewhere", [{"name": "RoomId", "type": "long"}])
+    foreign = SingleObjectCodec(SchemaSet.load(tmp_path / "elsewhere"))
+    data = foreign.encode("Thing", {"EventId": "e-1", "EventData": {"RoomId": 7}})
+    with pytest.raises(EncodingError, match=f"unknown schema fingerprint {data[2:10].hex()}"):
+        SingleObjectCodec(SchemaSet.load(tmp_path)).decode(data)
+    # The real contract: an old schema that never existed is no writer either.
+    first = SchemaSet.load(FIRST_CONTRACT)["UserLeaveRoom"]
+    edited = {**first.schema, "fields": [*first.schema["fields"], {"name": "X", "type": "int"}]}
+    parsed = fastavro.parse_schema(edited)
+    fingerprint = fastavro.schema.fingerprint(
+        fastavro.schema.to_parsing_canonical_form(parsed), "CRC-64-AVRO"
+    )
+    with pytest.raises(EncodingError, match="unknown schema fingerprint"):
+        SingleObjectCodec(contract()).decode(b"\xc3\x01" + bytes.fromhex(fingerprint) + b"\x00")
+
+
+def test_a_historic_schema_of_a_record_the_contract_dropped_is_no_writer(tmp_path):
+    _contract(tmp_path / "history" / "v1", [{"name": "RoomId", "type": "string"}], name="Gone")
+    _contract(tmp_path, [{"name": "RoomId", "type": "string"}])
+    schemas = SchemaSet.load(tmp_path)
+    assert list(schemas) == ["Thing"] and len(schemas.writers) == 1
+    data = SingleObjectCodec(SchemaSet.load(tmp_path / "history" / "v1")).encode(
+        "Gone", {"EventId": "e-1", "EventData": {"RoomId": "r-1"}}
+    )
+    with pytest.raises(EncodingError, match="unknown schema fingerprint"):
+        SingleObjectCodec(schemas).decode(data)
+
+
+def test_an_old_record_that_does_not_resolve_to_the_current_schema_is_an_encoding_error(tmp_path):
+    _contract(tmp_path / "history" / "v1", [{"name": "RoomId", "type": "string"}])
+    _contract(tmp_path, [{"name": "RoomId", "type": "long"}])  # no Avro promotion string -> long
+    old = SingleObjectCodec(SchemaSet.load(tmp_path / "history" / "v1"))
+    data = old.encode("Thing", {"EventId": "e-1", "EventData": {"RoomId": "r-1"}})
+    with pytest.raises(EncodingError, match=r"Thing \(avro/history/v1\): body does not decode"):
+        SingleObjectCodec(SchemaSet.load(tmp_path)).decode(data)
+
+
+def test_encoding_always_writes_the_current_contract():
+    schemas = contract()
+    codec = SingleObjectCodec(schemas)
     example = next(e for e in EXAMPLES if e.event_type == "UserLeaveRoom")
     name, record = models().to_record(parse_envelope(signed_callback(example)))
-    data = SingleObjectCodec(old).encode(name, record)
-    assert SingleObjectCodec(contract()).decode(data)["EventData"] == record["EventData"]
+    assert codec.encode(name, record)[2:10] == schemas[name].fingerprint
+    assert schemas.by_fingerprint(schemas[name].fingerprint).history is None
