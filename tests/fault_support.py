@@ -90,6 +90,7 @@ class Cluster:
         self.node_ids = list(range(1, brokers + 1))
         self.bootstrap = ""
         self._paused: set[int] = set()
+        self._admin: AdminClient | None = None
 
     @property
     def proxied_bootstrap(self) -> str:
@@ -99,6 +100,17 @@ class Cluster:
         """Start every node that is not running; returns once all answer (bounded)."""
         self.bootstrap = self.local.start(timeout_s=timeout_s)
         return self.bootstrap
+
+    def warm_up(self, timeout_s: float = 120) -> None:
+        """Have Kafka create its internal topics (``__consumer_offsets``, ``__transaction_state``,
+        50 partitions each, RF 3) now, so the first case does not pay for them mid-stream."""
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": self.bootstrap, "transactional.id": f"warm-up-{uuid.uuid4().hex}", "log_level": 0})
+        producer.init_transactions(timeout_s)
+        wait_for(lambda: committed_total(self.bootstrap, f"warm-up-{uuid.uuid4().hex}", TRANSACTION_STATE_TOPIC) is not None,
+                 timeout_s, "the group coordinator to answer")
+        self.wait_healthy(timeout_s=timeout_s)
 
     def stop(self) -> None:
         for node_id in list(self._paused):
@@ -136,7 +148,11 @@ class Cluster:
         assert [n.node_id for n in stopped] == [node_id]
 
     def admin(self) -> AdminClient:
-        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        """One admin client for the suite. It must outlive the futures it returns: a future of
+        a client that was garbage-collected never completes."""
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        return self._admin
 
     def leader(self, topic: str, partition: int, timeout_s: float = 30) -> int:
         """The node leading ``topic`` [``partition``], as the metadata says now."""
@@ -175,8 +191,8 @@ class Cluster:
 
         def lookup() -> int | None:
             try:
-                description = self.admin().describe_consumer_groups([group], request_timeout=5)[group].result()
-            except KafkaException:
+                description = self.admin().describe_consumer_groups([group], request_timeout=5)[group].result(timeout=10)
+            except (KafkaException, TimeoutError):
                 return None
             return description.coordinator.id if description.coordinator is not None else None
 
@@ -185,8 +201,8 @@ class Cluster:
     def group_members(self, group: str) -> list[list[int]] | None:
         """The partitions each member of ``group`` holds, or None if Kafka did not answer."""
         try:
-            description = self.admin().describe_consumer_groups([group], request_timeout=5)[group].result()
-        except KafkaException:
+            description = self.admin().describe_consumer_groups([group], request_timeout=5)[group].result(timeout=10)
+        except (KafkaException, TimeoutError):
             return None
         return [
             sorted(tp.partition for tp in member.assignment.topic_partitions)

@@ -72,6 +72,7 @@ def kafka3(kafka_dist: Path, tmp_path_factory: pytest.TempPathFactory):
     cluster = Cluster(kafka_dist, tmp_path_factory.mktemp("kafka3"))
     try:
         cluster.start(timeout_s=180)
+        cluster.warm_up()
     except Exception as exc:
         cluster.stop()
         pytest.fail(f"the 3-broker Kafka cluster for the fault suite did not start: {exc}", pytrace=False)
@@ -212,7 +213,7 @@ def test_01_raw_partition_leader_killed_and_restarted(case: Case):
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
     case.record.phase("recovery")
     assert workload.running, "the fault must land mid-stream"
-    workload.finish(min_total_s=35)
+    workload.finish(min_total_s=30)
     verify(case, workload, alive=[router])
 
 
@@ -233,7 +234,7 @@ def test_02_transaction_coordinator_killed_and_restarted(case: Case):
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
     case.record.phase("recovery")
     assert workload.running, "the fault must land mid-stream"
-    workload.finish(min_total_s=35)
+    workload.finish(min_total_s=30)
     verify(case, workload, alive=[router])
 
 
@@ -272,7 +273,7 @@ def test_03b_broker_killed_during_a_rebalance(case: Case):
         if first.log().count("revoked partitions") > revoked_before:
             return "the first router gave up partitions"
         try:
-            state = admin.describe_consumer_groups([stack.group], request_timeout=2)[stack.group].result().state
+            state = admin.describe_consumer_groups([stack.group], request_timeout=2)[stack.group].result(timeout=5).state
         except Exception:
             return None
         return f"group state {state.name}" if state.name != "STABLE" else None
@@ -287,7 +288,7 @@ def test_03b_broker_killed_during_a_rebalance(case: Case):
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
     case.record.phase("recovery")
     wait_for(lambda: _two_members_with_partitions(cluster, stack.group), 60, "both routers to hold partitions", 0.5)
-    workload.finish(min_total_s=35)
+    workload.finish(min_total_s=30)
     verify(case, workload, alive=[first, second])
 
 
@@ -312,7 +313,7 @@ def test_04_broker_paused_longer_than_its_session(case: Case):
     case.record.phase("recovery")
     cluster.wait_healthy([stack.raw_topic])
     assert workload.running, "the fault must land mid-stream"
-    workload.finish(min_total_s=35)
+    workload.finish(min_total_s=30)
     verify(case, workload, alive=[router])
 
 
@@ -401,7 +402,7 @@ def test_08_three_identical_routers_one_killed(case: Case):
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
     case.record.phase("recovery")
     assert workload.running, "the kill must land mid-stream"
-    workload.finish(min_total_s=35)
+    workload.finish(min_total_s=30)
     verify(case, workload, alive=[replicas[0], replicas[2]])
 
 
@@ -428,7 +429,7 @@ def test_09_network_partition_longer_than_the_transaction_timeout(case: Case, to
     case.record.recovered(time_to_progress(stack, routers, time.monotonic(), timeout_s=120))
     case.record.phase("recovery")
     assert workload.running, "the partition must heal mid-stream"
-    workload.finish(min_total_s=35)
+    workload.finish(min_total_s=30)
     verify(case, workload, alive=[router])
 
 
