@@ -65,6 +65,50 @@ def coordinator_partition(key: str, partitions: int) -> int:
     return kafka_abs(java_string_hash(key)) % partitions
 
 
+def murmur2(data: bytes) -> int:
+    """Kafka's ``Utils.murmur2`` (the Java partitioner's hash; librdkafka's ``murmur2_random``)."""
+    m, r = 0x5BD1E995, 24
+    length = len(data)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = length & ~3
+    rem = length % 4
+    if rem == 3:
+        h ^= data[tail + 2] << 16
+    if rem >= 2:
+        h ^= data[tail + 1] << 8
+    if rem >= 1:
+        h ^= data[tail]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def kafka_partition(key: str, partitions: int) -> int:
+    """The partition the Java partitioner (and rtcbus's shim) puts ``key`` in."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def room_names(tag: str, rooms: int, partitions: int) -> list[str]:
+    """``rooms`` room ids whose keys land round-robin on the ``partitions`` partitions, so
+    every partition carries traffic (a fault on any of them is seen)."""
+    names: list[str] = []
+    candidate = 0
+    while len(names) < rooms:
+        name = f"room-{tag}-{candidate}"
+        candidate += 1
+        if kafka_partition(name, partitions) == len(names) % partitions:
+            names.append(name)
+    return names
+
+
 # -- the cluster --------------------------------------------------------------------------------
 
 
@@ -361,6 +405,8 @@ class Workload:
         self.stack, self.rooms, self.interval_s, self.max_per_room = stack, rooms, interval_s, max_per_room
         self.poison = poison or {}
         self.tag = uuid.uuid4().hex[:6]
+        self.partitions = int(stack.env["RTCBUS_PARTITIONS"])
+        self.room_names = room_names(self.tag, rooms, self.partitions)
         self.posted: list[Posted] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -394,7 +440,7 @@ class Workload:
             list(pool.map(self._room, range(self.rooms)))
 
     def _room(self, number: int) -> None:
-        room = f"room-{self.tag}-{number}"
+        room = self.room_names[number]
         poison = self.poison.get(number, {})
         with httpx.Client(timeout=5) as client:
             for sequence in range(self.max_per_room):
@@ -503,14 +549,41 @@ def wait_routed(stack: Stack, routers: Routers, at_least: int, timeout_s: float,
     wait_for(done, timeout_s, what, 0.25)
 
 
+def committed_by_partition(bootstrap: str, group: str, topic: str) -> dict[int, int] | None:
+    """The router group's committed offset per partition of ``topic``; None if Kafka did not answer."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 0})
+    try:
+        meta = consumer.list_topics(topic, timeout=5).topics[topic]
+        partitions = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        return {tp.partition: max(tp.offset, 0) for tp in consumer.committed(partitions, timeout=5)}
+    except KafkaException:
+        return None
+    finally:
+        consumer.close()
+
+
 def time_to_progress(stack: Stack, routers: Routers, since: float, timeout_s: float = 90) -> float:
-    """Seconds from ``since`` (the fault's end) until the group commits a record more than it
-    had then: the first record routed after the fault."""
+    """Seconds from ``since`` (the fault's end) until the group has committed a record more
+    on every raw partition than it had then: routing resumed everywhere. The workload's rooms
+    cover every partition (:func:`room_names`), so each one has records waiting."""
     before = None
     while before is None:
-        before = committed_total(stack.bootstrap, stack.group, stack.raw_topic)
         assert time.monotonic() - since < timeout_s, "Kafka did not answer after the fault"
-    wait_routed(stack, routers, before + 1, timeout_s - (time.monotonic() - since), "the first record routed after the fault")
+        before = committed_by_partition(stack.bootstrap, stack.group, stack.raw_topic)
+    behind: list[int] = []
+
+    def everywhere() -> bool:
+        assert routers.alive(), f"no router is running after the fault:\n{routers.logs()}"
+        now = committed_by_partition(stack.bootstrap, stack.group, stack.raw_topic)
+        if now is None:
+            return False
+        behind[:] = [p for p, offset in before.items() if now.get(p, 0) <= offset]
+        return not behind
+
+    try:
+        wait_for(everywhere, timeout_s - (time.monotonic() - since), "routing on every partition after the fault", 0.25)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: no progress on raw partitions {behind}\n{routers.logs()}") from None
     return time.monotonic() - since
 
 
@@ -537,14 +610,14 @@ def wait_caught_up(stack: Stack, routers: Routers, timeout_s: float) -> None:
 def transactional_id_of(router: RtcbusProcess, fallback: str, timeout_s: float = 30) -> str:
     """The transactional.id the router logs at start (a line with ``transactional.id``), else
     ``fallback`` (``<group>-<RTCBUS_INSTANCE_ID>``, today's fixed id) once it has partitions."""
-    pattern = re.compile(r"transactional[._]id\W{0,5}([A-Za-z0-9][A-Za-z0-9._:-]*)")
+    pattern = re.compile(r"transactional[._]id\W{0,5}([A-Za-z0-9][A-Za-z0-9._-]*)")
 
     def logged() -> str | None:
         router.assert_running()
         text = router.log()
         match = pattern.search(text)
         if match:
-            return match.group(1)
+            return match.group(1).rstrip(".")
         return fallback if "assigned partitions" in text else None
 
     return wait_for(logged, timeout_s, "the router to log its transactional.id or get partitions", 0.2)
@@ -656,7 +729,8 @@ class Outcome:
     out_of_order: list[str]
     unexpected: list[str]
     dead_letters: Counter
-    problems: list[str] = field(default_factory=list)
+    misplaced: list[str] = field(default_factory=list)
+    """Records not in their room's partition (raw and domain topic: the key policy)."""
 
 
 def check(stack: Stack, workload: Workload) -> Outcome:
@@ -672,7 +746,7 @@ def check(stack: Stack, workload: Workload) -> Outcome:
     attempted = {p.event_id for p in workload.posted}
     counts: Counter = Counter()
     by_room: dict[str, list[int]] = defaultdict(list)
-    unexpected = []
+    unexpected, misplaced = [], []
     for message in domain:
         record = decode(message.value())
         event_id = record["EventId"]
@@ -680,8 +754,11 @@ def check(stack: Stack, workload: Workload) -> Outcome:
         if event_id not in attempted or message.topic() != stack.topic("stream"):
             unexpected.append(f"{message.topic()}: {event_id}")
             continue
+        room = record["EventData"]["RoomId"]
+        if record["Source"]["Partition"] != kafka_partition(room, workload.partitions) or message.partition() != record["Source"]["Partition"]:
+            misplaced.append(f"{event_id}: raw [{record['Source']['Partition']}], {message.topic()} [{message.partition()}]")
         if counts[event_id] == 1:
-            by_room[record["EventData"]["RoomId"]].append(int(record["EventData"]["Timestamp"]))
+            by_room[room].append(int(record["EventData"]["Timestamp"]))
     ledger_ids = [p.event_id for p in ledger if p.poison is None]
     lost = [e for e in ledger_ids if counts[e] == 0]
     duplicated = sorted(e for e, n in counts.items() if n > 1)
@@ -691,7 +768,7 @@ def check(stack: Stack, workload: Workload) -> Outcome:
         sent=len(workload.posted), answered_200=len(ledger),
         delivered_once=sum(1 for e in ledger_ids if counts[e] == 1),
         duplicated=duplicated, lost=lost, out_of_order=out_of_order,
-        unexpected=unexpected, dead_letters=dead_ids,
+        unexpected=unexpected, dead_letters=dead_ids, misplaced=misplaced,
     )
 
 

@@ -172,6 +172,7 @@ def verify(case: Case, workload: Workload, *, alive=(), expected_dead: Counter |
     )
     assert outcome.out_of_order == [], f"rooms out of order: {outcome.out_of_order}"
     assert outcome.unexpected == [], f"records nobody sent (or on the wrong topic): {outcome.unexpected[:10]}"
+    assert outcome.misplaced == [], f"records outside their room's partition: {outcome.misplaced[:10]}"
     assert outcome.dead_letters == (expected_dead or Counter()), "dead letters other than expected"
     assert status == 0 and isinstance(audit, dict), f"rtcbus audit exited {status}:\n{audit_output}"
     assert (audit["lost"], audit["duplicated"]) == (0, 0), f"rtcbus audit: {audit}"
@@ -287,7 +288,10 @@ def test_03b_broker_killed_during_a_rebalance(case: Case):
     case.record.phase("fault")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
     case.record.phase("recovery")
-    wait_for(lambda: _two_members_with_partitions(cluster, stack.group), 60, "both routers to hold partitions", 0.5)
+    try:
+        wait_for(lambda: _two_members_with_partitions(cluster, stack.group), 60, "both routers to hold partitions", 0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: group members hold {cluster.group_members(stack.group)}\n{routers.logs()}") from None
     workload.finish(min_total_s=30)
     verify(case, workload, alive=[first, second])
 
@@ -451,9 +455,11 @@ def test_10_poison_records_cost_one_dead_letter_each(case: Case):
     accepted_poison = Counter({p.event_id: 1 for p in posted if p.status == 200})
     verify(case, workload, alive=[router], expected_dead=accepted_poison)
     # A hostile body is a request that can never succeed: a clear 4xx, never a 5xx or no answer.
-    assert all(status is not None and 400 <= status < 500 for _, status in refused), refused
+    assert all(status is not None and 400 <= status < 500 for _, status in refused), (
+        f"the shim answered hostile bodies with other than 200 or a 4xx (kind, status): {refused}"
+    )
     # The rooms go on behind their poison: later callbacks of the same room were routed.
     ledger = {(p.room, p.sequence) for p in workload.ledger() if p.poison is None}
     for room_number, points in poison.items():
-        room = f"room-{workload.tag}-{room_number}"
+        room = workload.room_names[room_number]
         assert any(r == room and s > max(points) for r, s in ledger), f"{room} stopped at its poison"
