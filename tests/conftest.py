@@ -29,6 +29,7 @@ from consumer.kafka.admin import TopicSpec, create_topics
 from consumer.kafka.launcher import LocalKafka, provision
 from consumer.settings import Settings, load_settings
 from kafka_helpers import free_ports
+from support import Stack
 
 KAFKA_REPORT = pytest.StashKey[str]()
 
@@ -102,6 +103,15 @@ def make_topic(kafka: KafkaBroker, unique_name: Callable[[str], str]) -> Callabl
 def make_group_id(unique_name: Callable[[str], str]) -> Callable[[], str]:
     """``make_group_id()`` → a consumer group id unique to this test."""
     return lambda: unique_name("group")
+
+
+@pytest.fixture
+def stack(kafka: KafkaBroker, tmp_path: Path) -> Iterator[Stack]:
+    """A shim and routers on unique topics of the session's broker (3 partitions); every
+    process it started is stopped at the end."""
+    stack = Stack(kafka.bootstrap_servers, tmp_path)
+    yield stack
+    stack.stop_all()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

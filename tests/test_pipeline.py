@@ -19,13 +19,6 @@ from support import Stack, assert_carries, callback, decode_single_object, read_
 pytestmark = pytest.mark.kafka
 
 
-@pytest.fixture
-def stack(kafka, tmp_path):
-    stack = Stack(kafka.bootstrap_servers, tmp_path)
-    yield stack
-    stack.stop_all()
-
-
 def domain_records(stack: Stack) -> list[tuple[str, object, dict]]:
     """(topic, message, decoded record) of every committed record on every domain topic."""
     table = RoutingTable(topic_prefix=stack.prefix)

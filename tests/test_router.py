@@ -22,13 +22,6 @@ from support import Stack, callback, decode_single_object, read_topic, wait_for
 pytestmark = pytest.mark.kafka
 
 
-@pytest.fixture
-def stack(kafka, tmp_path):
-    stack = Stack(kafka.bootstrap_servers, tmp_path)
-    yield stack
-    stack.stop_all()
-
-
 def join(room: str, user: str, sequence: int) -> dict:
     return {"RoomId": room, "UserId": user, "DeviceType": "web", "Timestamp": sequence, "ExtraInfo": ""}
 
