@@ -77,6 +77,8 @@ class Envelope:
             data = json.loads(self.event_data_text)
         except ValueError as exc:
             raise self._error(f"EventData is not valid JSON: {exc}", "EventData") from None
+        except RecursionError:
+            raise self._error("EventData is nested too deeply to parse", "EventData") from None
         if not isinstance(data, dict):
             raise self._error("EventData is not a JSON object", "EventData")
         return data

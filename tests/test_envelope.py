@@ -215,3 +215,14 @@ def test_arbitrary_json_raises_only_validation_error(document):
         envelope.event_data()
     except ValidationError:
         pass
+
+
+def test_event_data_nested_too_deeply_is_a_validation_error_and_still_has_a_key():
+    deep = "[" * 100_000 + "]" * 100_000
+    envelope = parse_envelope(json.dumps({
+        "EventType": "UserJoinRoom", "EventData": deep, "EventTime": "2024-01-01T00:00:00Z",
+        "EventId": "e-deep", "AppId": "app-deep", "Version": "2020-12-01",
+    }))
+    with pytest.raises(ValidationError, match="nested too deeply"):
+        envelope.event_data()
+    assert envelope.key() == "app-deep"

@@ -132,7 +132,9 @@ def test_nesting_deep_enough_to_exhaust_the_stack_is_a_dead_letter(transform):
     deep = '{"RoomId":"room-1","UserId":"u1","ExtraInfo":' + "[" * 100_000 + "]" * 100_000 + "}"
     outcome = transform.apply(raw(body(event_data=deep)), never_seen)
     assert isinstance(outcome, DeadLetter)
-    assert outcome.error_class == "RecursionError"
+    assert outcome.error_class == "ValidationError"
+    assert headers_of(outcome)["rtcbus.error.field"] == b"EventData"
+    assert b"nested too deeply" in headers_of(outcome)[HEADER_ERROR_MESSAGE]
     assert_fits(transform, outcome)
 
 
@@ -159,11 +161,13 @@ class _Exploding:
         return ""
 
 
-def test_any_exception_of_a_stage_is_a_dead_letter_naming_it():
-    transform = Transform(models(), RoutingTable(topic_prefix="unit"), _Exploding(ZeroDivisionError("boom")), SETTINGS.max_record_bytes)
+@pytest.mark.parametrize("error", [ZeroDivisionError("boom"), RecursionError("boom"), KeyError("boom")])
+def test_any_exception_of_a_stage_is_a_dead_letter_naming_it(error):
+    transform = Transform(models(), RoutingTable(topic_prefix="unit"), _Exploding(error), SETTINGS.max_record_bytes)
     outcome = transform.apply(raw(body()), never_seen)
-    assert isinstance(outcome, DeadLetter) and outcome.error_class == "ZeroDivisionError"
-    assert b"ZeroDivisionError: boom" in headers_of(outcome)[HEADER_ERROR_MESSAGE]
+    name = type(error).__name__
+    assert isinstance(outcome, DeadLetter) and outcome.error_class == name
+    assert f"{name}: ".encode() in headers_of(outcome)[HEADER_ERROR_MESSAGE]
 
 
 def test_an_infrastructure_failure_is_not_a_dead_letter():
