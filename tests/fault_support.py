@@ -244,8 +244,11 @@ class Cluster:
 
     def group_members(self, group: str) -> list[list[int]] | None:
         """The partitions each member of ``group`` holds, or None if Kafka did not answer."""
+        # A client of its own, alive until its answer is in: the shared one may still be
+        # waiting on the group coordinator it knew before a kill.
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
         try:
-            description = self.admin().describe_consumer_groups([group], request_timeout=5)[group].result(timeout=10)
+            description = admin.describe_consumer_groups([group], request_timeout=5)[group].result(timeout=10)
         except (KafkaException, TimeoutError):
             return None
         return [

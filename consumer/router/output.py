@@ -312,6 +312,7 @@ TRANSIENT_ERRORS = frozenset(
         KafkaError._TRANSPORT,
         KafkaError._ALL_BROKERS_DOWN,
         KafkaError._UNKNOWN_PARTITION,
+        KafkaError._DESTROY_BROKER,  # a broker left the metadata while a request was on it
         KafkaError._WAIT_COORD,
         KafkaError.FENCED_LEADER_EPOCH,
         KafkaError.UNKNOWN_LEADER_EPOCH,
