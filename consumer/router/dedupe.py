@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -115,16 +115,23 @@ class DedupeLog:
     does not disturb the router's group consumer.
 
     Args:
-        consumer: an unsubscribed ``read_committed`` consumer with ``enable.partition.eof``.
+        new_consumer: makes an unsubscribed ``read_committed`` consumer with
+            ``enable.partition.eof``.
         raw_topic, dedupe_topic: the co-partitioned topics.
         window_ms: how far back before the resume point markers matter.
         timeout_s: how long reading one partition may take before it fails.
     """
 
     def __init__(
-        self, consumer: Consumer, raw_topic: str, dedupe_topic: str, window_ms: int, timeout_s: float
+        self,
+        new_consumer: Callable[[], Consumer],
+        raw_topic: str,
+        dedupe_topic: str,
+        window_ms: int,
+        timeout_s: float,
     ) -> None:
-        self._consumer = consumer
+        self._new_consumer = new_consumer
+        self._consumer = new_consumer()
         self._raw_topic = raw_topic
         self._dedupe_topic = dedupe_topic
         self._window_ms = window_ms
@@ -152,6 +159,17 @@ class DedupeLog:
         for message in self._read(start):
             found.extend(parse_marker_record(message.value(), message.key(), message.timestamp()[1]))
         return found
+
+    def reset(self) -> None:
+        """Start over with a fresh consumer, after a read failed.
+
+        Seen in the fault suite: after the broker leading a changelog partition was killed
+        and restarted, this consumer (which only assigns partitions for a moment) answered
+        ``offsets_for_times`` with "Unknown partition" for minutes while every other client
+        had recovered; a new client has fresh metadata at once.
+        """
+        stale, self._consumer = self._consumer, self._new_consumer()
+        stale.close()
 
     def close(self) -> None:
         self._consumer.close()

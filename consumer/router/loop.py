@@ -113,7 +113,7 @@ class Router:
             {"session.timeout.ms": "10000", **consumer_config(settings, settings.group_id)}
         )
         self._log = DedupeLog(
-            Consumer(
+            lambda: Consumer(
                 {
                     **consumer_config(settings, f"{settings.group_id}-restore"),
                     "enable.partition.eof": "true",
@@ -369,10 +369,14 @@ class Router:
             for tp in committed:
                 if tp.error is not None:
                     raise KafkaException(tp.error)
-            windows = {
-                tp.partition: self._log.markers(tp.partition, tp.offset if tp.offset >= 0 else None)
-                for tp in committed
-            }
+            try:
+                windows = {
+                    tp.partition: self._log.markers(tp.partition, tp.offset if tp.offset >= 0 else None)
+                    for tp in committed
+                }
+            except KafkaException:
+                self._log.reset()  # the next attempt with a fresh client (see DedupeLog.reset)
+                raise
             return committed, windows
 
         committed, windows = retrying(read, self._stopping, RETRY_TIMEOUT_S)
