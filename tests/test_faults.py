@@ -206,12 +206,18 @@ def test_01_raw_partition_leader_killed_and_restarted(case: Case):
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
     case.record.phase("start, until routing")
     leader = cluster.leader(stack.raw_topic, 0)
-    cluster.kill(leader)
+    kill_restart_and_verify(case, leader, workload, router)
+
+
+def kill_restart_and_verify(case: Case, node: int, workload: Workload, router) -> None:
+    """SIGKILL broker ``node`` mid-stream for ``OUTAGE_S``, restart it, time the recovery,
+    let the workload finish, and check everything with read_committed and the audit."""
+    case.cluster.kill(node)
     time.sleep(OUTAGE_S)  # the outage
     case.record.phase("outage")
-    cluster.restart(leader)
+    case.cluster.restart(node)
     case.record.phase("fault")
-    case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
+    case.record.recovered(time_to_progress(case.stack, case.routers, time.monotonic()))
     case.record.phase("recovery")
     assert workload.running, "the fault must land mid-stream"
     workload.finish(min_total_s=30)
@@ -228,15 +234,7 @@ def test_02_transaction_coordinator_killed_and_restarted(case: Case):
     case.record.phase("start, until routing")
     coordinator = cluster.transaction_coordinator(transactional_id)
     case.record.notes.append(f"transactional.id {transactional_id} on node {coordinator}")
-    cluster.kill(coordinator)
-    time.sleep(OUTAGE_S)
-    cluster.restart(coordinator)
-    case.record.phase("fault")
-    case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
-    case.record.phase("recovery")
-    assert workload.running, "the fault must land mid-stream"
-    workload.finish(min_total_s=30)
-    verify(case, workload, alive=[router])
+    kill_restart_and_verify(case, coordinator, workload, router)
 
 
 def test_03a_broker_killed_just_after_the_router_starts(case: Case):

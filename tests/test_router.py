@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, KafkaError, KafkaException, Producer
 
-from consumer.envelope import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_SOURCE_OFFSET
+from consumer.envelope import HEADER_ERROR_CLASS, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_SOURCE_OFFSET
 from consumer.router import Router
 from support import Stack, callback, decode_single_object, read_topic, wait_for
 
@@ -65,7 +65,7 @@ def test_poison_records_cost_one_dead_letter_each_and_the_room_flows_on(stack):
     assert event_ids(stack, "room") == ["ok-1", "ok-2", "ok-3", "ok-4", "ok-leave", "ok-join"]
     dead = read_topic(stack.bootstrap, stack.dlq_topic)
     assert len(dead) == 3
-    classes = sorted(dict(m.headers())["rtcbus.error.class"].decode() for m in dead)
+    classes = sorted(dict(m.headers())[HEADER_ERROR_CLASS].decode() for m in dead)
     assert classes == ["EncodingError", "ValidationError", "ValidationError"]
     # Each dead letter points back at its raw record, and carries its bytes.
     raw = {m.offset(): m.value() for m in read_topic(stack.bootstrap, stack.raw_topic)}

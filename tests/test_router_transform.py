@@ -10,6 +10,7 @@ from confluent_kafka import Message
 from consumer.codec import SingleObjectCodec
 from consumer.envelope import (
     HEADER_ERROR_CLASS,
+    HEADER_ERROR_FIELD,
     HEADER_ERROR_MESSAGE,
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
@@ -133,7 +134,7 @@ def test_nesting_deep_enough_to_exhaust_the_stack_is_a_dead_letter(transform):
     outcome = transform.apply(raw(body(event_data=deep)), never_seen)
     assert isinstance(outcome, DeadLetter)
     assert outcome.error_class == "ValidationError"
-    assert headers_of(outcome)["rtcbus.error.field"] == b"EventData"
+    assert headers_of(outcome)[HEADER_ERROR_FIELD] == b"EventData"
     assert b"nested too deeply" in headers_of(outcome)[HEADER_ERROR_MESSAGE]
     assert_fits(transform, outcome)
 

@@ -49,6 +49,7 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry
 
+from consumer.envelope import HEADER_ERROR_MESSAGE
 from consumer.errors import InfrastructureError
 from consumer.kafka.config import consumer_config
 from consumer.router.dedupe import DedupeLog, DedupeWindow, marker_records
@@ -275,7 +276,7 @@ class Router:
             log.warning("dead letter too large for %s (%s): cutting it", self._dlq_topic, exc.args[0].str())
             letter = letter.shrunk()
             self._output.produce(self._dlq_topic, letter.value, key=letter.key, headers=letter.headers)
-        reason = dict(letter.headers).get("rtcbus.error.message", b"").decode("utf-8", "replace")
+        reason = dict(letter.headers).get(HEADER_ERROR_MESSAGE, b"").decode("utf-8", "replace")
         log.warning("dead-lettered: %s", reason)
         self.metrics.count(self.metrics.records_in, letter.event_type)
         self.metrics.count(self.metrics.dead_letters, letter.error_class)

@@ -85,7 +85,7 @@ class DeadLetter:
         For a key too large to keep, or a DLQ topic whose ``max.message.bytes`` is smaller
         than the raw topic's.
         """
-        kept = [(name, value) for name, value in self.headers if name.startswith(_KEPT_PREFIXES)]
+        kept = [(name, value) for name, value in self.headers if name in _KEPT_HEADERS]
         key = self.key if self.key is None or len(self.key) <= HEADER_VALUE_MAX_BYTES else None
         cut = "value,headers" if key is self.key else "value,headers,key"
         return DeadLetter(
@@ -93,7 +93,13 @@ class DeadLetter:
         )
 
 
-_KEPT_PREFIXES = ("rtcbus.error.", "rtcbus.source.")
+# What a shrunk dead letter keeps: the reason and the source coordinates.
+_KEPT_HEADERS = frozenset(
+    {
+        HEADER_ERROR_CLASS, HEADER_ERROR_MESSAGE, HEADER_ERROR_FIELD,
+        HEADER_SOURCE_TOPIC, HEADER_SOURCE_PARTITION, HEADER_SOURCE_OFFSET,
+    }
+)
 
 Outcome = Routed | Duplicate | DeadLetter
 
