@@ -115,8 +115,39 @@ class Settings(BaseSettings):
     # -- shim -------------------------------------------------------------------------------------
     shim_host: str = "127.0.0.1"
     shim_port: int = Field(8080, ge=0, le=65535)
+    shim_admin_host: str = Field(
+        "127.0.0.1", description="Where /metrics and /openapi.json listen: apart from callbacks."
+    )
+    shim_admin_port: int = Field(9109, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
-    ack_timeout_s: float = Field(3.0, gt=0, lt=5, description="Answer 503 after this long.")
+    ack_timeout_s: float = Field(
+        3.0, gt=0, lt=5,
+        description="The longest a callback waits for its answer; 503 after it (sender: 5 s).",
+    )
+    shim_max_concurrency: int = Field(
+        1000, ge=1, description="Connections and requests at once; past it a fast 503."
+    )
+    shim_header_timeout_s: float = Field(
+        5.0, gt=0, description="Close a connection that has not sent its request head by then."
+    )
+    shim_body_timeout_s: float = Field(
+        5.0, gt=0, description="Answer 408 to a request whose body has not arrived by then."
+    )
+
+    # -- shim: the local spool ------------------------------------------------------------------
+    spool: bool = Field(
+        True, description="Keep callbacks Kafka cannot take in time in a local spool (fsynced)."
+    )
+    spool_dir: Path | None = Field(
+        None, description="The spool's directory; unset means <home>/spool. One shim per directory."
+    )
+    spool_max_bytes: int = Field(
+        1024**3, ge=1024 * 1024, description="Past this many bytes spooled, answer 503."
+    )
+    spool_after_s: float = Field(
+        1.0, gt=0, lt=5,
+        description="Wait this long for Kafka's acknowledgement before spooling the callback.",
+    )
 
     # -- router -------------------------------------------------------------------------------------
     group_id: str = "rtcbus-router"
@@ -187,6 +218,14 @@ class Settings(BaseSettings):
     def max_record_bytes(self) -> int:
         """The largest raw or DLQ record: a whole body plus key, headers and batch overhead."""
         return self.max_body_bytes + 64 * 1024
+
+    @property
+    def quarantine_topic(self) -> str:
+        return f"{self.topic_prefix}.callbacks.quarantine"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.home / "spool"
 
     @property
     def dedupe_topic(self) -> str:
