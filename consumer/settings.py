@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     raw_retention_ms: int = 7 * 24 * 3600 * 1000
     events_retention_ms: int = 7 * 24 * 3600 * 1000
     dlq_retention_ms: int = 30 * 24 * 3600 * 1000
+    quarantine_retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=3600 * 1000)
+    quarantine_retention_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024,
+        description="Bound of the quarantine topic (retention.bytes; the topic has one partition).",
+    )
 
     # -- the embedded local Kafka -------------------------------------------------------------
     kafka_home: Path | None = Field(
@@ -132,6 +137,22 @@ class Settings(BaseSettings):
     )
     shim_body_timeout_s: float = Field(
         5.0, gt=0, description="Answer 408 to a request whose body has not arrived by then."
+    )
+
+    # -- shim: the quarantine -------------------------------------------------------------------
+    quarantine: bool = Field(
+        True,
+        description=(
+            "Keep bodies that fail the signature check in the quarantine topic, so a wrong "
+            "secret costs no events (`rtcbus quarantine redrive` once it is fixed)."
+        ),
+    )
+    quarantine_max_per_s: float = Field(
+        20.0, gt=0, description="At most this many quarantined bodies a second; the rest are counted, not kept."
+    )
+    quarantine_max_bytes_per_s: int = Field(
+        1024 * 1024, ge=1024,
+        description="At most this many quarantined bytes a second; a larger body is never kept.",
     )
 
     # -- shim: the local spool ------------------------------------------------------------------
