@@ -137,7 +137,7 @@ def topics_create(
         typer.Option(help="(env RTCBUS_REPLICATION_FACTOR); default 3 on 3+ brokers, else 1."),
     ] = None,
 ) -> None:
-    """Create rtcbus's topics that do not exist yet: raw, one per domain, DLQ, dedupe."""
+    """Create rtcbus's topics that do not exist yet: raw, one per domain, DLQ, quarantine, dedupe."""
     settings = _settings(ctx, partitions=partitions, replication_factor=replication_factor)
     created = admin.ensure_topics(settings)
     for name in admin.topic_names(settings):

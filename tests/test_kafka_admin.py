@@ -11,21 +11,23 @@ from consumer.settings import load_settings
 DAY_MS = 24 * 3600 * 1000
 
 
-def test_topics_are_raw_every_domain_unknown_dlq_and_dedupe():
+def test_topics_are_raw_every_domain_unknown_dlq_quarantine_and_dedupe():
     names = topic_names(load_settings(topic_prefix="x"))
 
     assert names[0] == "x.callbacks.raw"
     assert {"x.events.room", "x.events.recording", "x.events.whiteboard", "x.events.unknown"} <= set(names)
-    assert names[-2:] == ["x.callbacks.dlq", "x.router.dedupe"]
-    assert len(names) == len(set(names)) == 15
+    assert names[-3:] == ["x.callbacks.dlq", "x.callbacks.quarantine", "x.router.dedupe"]
+    assert len(names) == len(set(names)) == 16
 
 
 def test_one_partition_count_and_retention_from_settings():
     settings = load_settings(partitions=4, raw_retention_ms=1000, events_retention_ms=2000, dlq_retention_ms=3000)
 
     specs = {spec.name: spec for spec in topic_specs(settings, broker_count=1)}
+    quarantine = specs.pop("rtc.callbacks.quarantine")
 
     assert {spec.partitions for spec in specs.values()} == {4}
+    assert quarantine.partitions == 1
     assert specs["rtc.callbacks.raw"].config["retention.ms"] == "1000"
     assert specs["rtc.events.room"].config["retention.ms"] == "2000"
     assert specs["rtc.events.unknown"].config["retention.ms"] == "2000"
@@ -38,6 +40,17 @@ def test_dedupe_changelog_expires_by_age_and_outlives_the_window():
 
     assert short.config == {"cleanup.policy": "delete", "retention.ms": str(DAY_MS)}
     assert long.config["retention.ms"] == str(4 * DAY_MS)
+
+
+def test_quarantine_is_bounded_by_age_and_by_size():
+    settings = load_settings(quarantine_retention_ms=2 * DAY_MS, quarantine_retention_bytes=64 * 1024 * 1024)
+
+    quarantine = {s.name: s for s in topic_specs(settings, 1)}[settings.quarantine_topic]
+
+    assert quarantine.config["retention.ms"] == str(2 * DAY_MS)
+    assert quarantine.config["retention.bytes"] == str(64 * 1024 * 1024)
+    assert quarantine.config["max.message.bytes"] == str(settings.max_record_bytes)
+    assert "retention.bytes" not in {s.name: s for s in topic_specs(settings, 1)}[settings.raw_topic].config
 
 
 @pytest.mark.parametrize(
@@ -63,9 +76,11 @@ def test_topics_create_is_idempotent_and_list_shows_what_was_created(kafka):
     topics = describe_topics(settings, [*topic_names(settings), f"{settings.topic_prefix}.missing"])
     assert topics.pop(f"{settings.topic_prefix}.missing") is None
     for name, info in topics.items():
-        assert (info.partitions, info.replication_factor) == (2, expected_replication), name
+        partitions = 1 if name == settings.quarantine_topic else 2
+        assert (info.partitions, info.replication_factor) == (partitions, expected_replication), name
     assert topics[settings.raw_topic].config["retention.ms"] == str(settings.raw_retention_ms)
     assert topics[settings.dedupe_topic].config["cleanup.policy"] == "delete"
+    assert topics[settings.quarantine_topic].config["retention.bytes"] == str(settings.quarantine_retention_bytes)
 
 
 @pytest.mark.kafka

@@ -1,9 +1,11 @@
 """Topic administration: the topics rtcbus needs, created idempotently, and any other topic.
 
-rtcbus's topics are the raw topic, one topic per domain (``unknown`` included), the DLQ and
-the router's dedupe changelog. They all get ``settings.partitions`` partitions: a record keeps
-its key from raw to every domain topic, and only equal partition counts put that key in the
-same partition number everywhere (co-partitioning).
+rtcbus's topics are the raw topic, one topic per domain (``unknown`` included), the DLQ,
+the shim's quarantine and the router's dedupe changelog. All but the quarantine get
+``settings.partitions`` partitions: a record keeps its key from raw to every domain topic,
+and only equal partition counts put that key in the same partition number everywhere
+(co-partitioning). The quarantine is never routed; it has one partition (see
+:data:`QUARANTINE_PARTITIONS`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ RAW_TOPIC_CLOCK = {"message.timestamp.type": "LogAppendTime"}
 # How long the first metadata request may take: librdkafka reports an unreachable cluster
 # only when the request times out, and a person waiting for that should not wait long.
 CONNECT_TIMEOUT_S = 10.0
+# The quarantine takes at most a few bodies a second (the shim caps it), so one partition
+# carries it; one partition also makes retention.bytes the bound of the whole topic, and a
+# redrive forwards the bodies in the order they arrived.
+QUARANTINE_PARTITIONS = 1
 
 
 @dataclass(frozen=True)
@@ -57,11 +63,13 @@ class TopicInfo:
 
 
 def topic_names(settings: Settings) -> list[str]:
-    """rtcbus's topics: raw, every domain topic (``unknown`` included), DLQ, dedupe changelog."""
+    """rtcbus's topics: raw, every domain topic (``unknown`` included), DLQ, quarantine,
+    dedupe changelog."""
     return [
         settings.raw_topic,
         *RoutingTable.from_settings(settings).topics(),
         settings.dlq_topic,
+        settings.quarantine_topic,
         settings.dedupe_topic,
     ]
 
@@ -82,6 +90,7 @@ def topic_specs(settings: Settings, broker_count: int) -> list[TopicSpec]:
         settings.raw_topic: settings.raw_retention_ms,
         **{topic: settings.events_retention_ms for topic in RoutingTable.from_settings(settings).topics()},
         settings.dlq_topic: settings.dlq_retention_ms,
+        settings.quarantine_topic: settings.quarantine_retention_ms,
         settings.dedupe_topic: dedupe_retention_ms,
     }
     specs = []
@@ -95,7 +104,12 @@ def topic_specs(settings: Settings, broker_count: int) -> list[TopicSpec]:
             config["max.message.bytes"] = str(settings.max_record_bytes)
         if name == settings.raw_topic:
             config.update(RAW_TOPIC_CLOCK)
-        specs.append(TopicSpec(name, settings.partitions, replication, config))
+        partitions = settings.partitions
+        if name == settings.quarantine_topic:
+            # Bounded by size too: whoever can reach the shim can fill it with bad signatures.
+            config["retention.bytes"] = str(settings.quarantine_retention_bytes)
+            partitions = QUARANTINE_PARTITIONS
+        specs.append(TopicSpec(name, partitions, replication, config))
     return specs
 
 
