@@ -49,6 +49,7 @@ def test_quarantine_is_bounded_by_age_and_by_size():
 
     assert quarantine.config["retention.ms"] == str(2 * DAY_MS)
     assert quarantine.config["retention.bytes"] == str(64 * 1024 * 1024)
+    assert quarantine.config["segment.bytes"] == str(4 * 1024 * 1024)  # deleted a segment at a time
     assert quarantine.config["max.message.bytes"] == str(settings.max_record_bytes)
     assert "retention.bytes" not in {s.name: s for s in topic_specs(settings, 1)}[settings.raw_topic].config
 

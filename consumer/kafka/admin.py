@@ -107,7 +107,10 @@ def topic_specs(settings: Settings, broker_count: int) -> list[TopicSpec]:
         partitions = settings.partitions
         if name == settings.quarantine_topic:
             # Bounded by size too: whoever can reach the shim can fill it with bad signatures.
+            # Retention deletes whole closed segments only, so segments are a fraction of
+            # the bound (the default 1 GiB segment would let it grow to 1 GiB first).
             config["retention.bytes"] = str(settings.quarantine_retention_bytes)
+            config["segment.bytes"] = str(max(1024 * 1024, settings.quarantine_retention_bytes // 16))
             partitions = QUARANTINE_PARTITIONS
         specs.append(TopicSpec(name, partitions, replication, config))
     return specs
