@@ -38,6 +38,9 @@ HEADER_SOURCE_TOPIC = "rtcbus.source.topic"
 HEADER_SOURCE_PARTITION = "rtcbus.source.partition"
 HEADER_SOURCE_OFFSET = "rtcbus.source.offset"
 HEADER_TRUNCATED = "rtcbus.dlq.truncated"
+# On a quarantined record (a body refused for its signature): the client's address. Its
+# reason is HEADER_ERROR_MESSAGE, when it was received HEADER_RECEIVED_AT.
+HEADER_REMOTE = "rtcbus.remote"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MILLISECOND = timedelta(milliseconds=1)
@@ -209,6 +212,20 @@ def signed_fields(envelope: Envelope) -> tuple[str, ...]:
         envelope.version,
         envelope.nonce,
     )
+
+
+def raw_headers(envelope: Envelope, received_ms: int) -> list[tuple[str, bytes]]:
+    """The headers of a raw record: what the router reads without parsing the body.
+
+    Written by the shim, and by a quarantine redrive for a body that passes now.
+    """
+    return [
+        (HEADER_EVENT_TYPE, envelope.event_type.encode()),
+        (HEADER_EVENT_ID, envelope.event_id.encode()),
+        (HEADER_APP_ID, envelope.app_id.encode()),
+        (HEADER_VERSION, envelope.version.encode()),
+        (HEADER_RECEIVED_AT, str(received_ms).encode()),
+    ]
 
 
 class SignatureVerifier:
