@@ -10,18 +10,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from consumer.errors import SignatureError, ValidationError
+from consumer.errors import ConfigError, SignatureError, ValidationError
+
+log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("EventType", "EventData", "EventTime", "EventId", "AppId", "Version")
 SIGNATURE_FIELDS = ("Nonce", "Signature")
 KNOWN_FIELDS = frozenset(REQUIRED_FIELDS + SIGNATURE_FIELDS)
+_ENVELOPE_FIELDS = REQUIRED_FIELDS + SIGNATURE_FIELDS
+_REQUIRED = frozenset(REQUIRED_FIELDS)
 # Fields tried in order for the record key; the envelope's AppId and EventId come last.
 KEY_FIELDS = ("RoomId", "PublicStreamId", "TaskId")
+# How far EventTime may be from the time a signed callback is received (see SignatureVerifier).
+DEFAULT_SKEW_S = 300.0
 
 # Headers of the raw record, written by the shim beside the body.
 HEADER_EVENT_TYPE = "rtcbus.event_type"
@@ -50,10 +58,13 @@ _MILLISECOND = timedelta(milliseconds=1)
 class Envelope:
     """A parsed callback envelope.
 
+    Every string field is valid Unicode text (no lone surrogate), so it can be hashed,
+    written as a header and shown in an error.
+
     Attributes:
         event_data_text: EventData exactly as the signature covers it: the JSON string's
             value as received (after JSON unescaping), or, for a sender that sent an
-            object, its compact serialisation (there is no received string to use then).
+            object, the object's JSON text exactly as it appears in the body.
         event_time: EventTime exactly as received (the signature covers the text).
         event_time_ms: EventTime as epoch milliseconds.
         extra: envelope fields the protocol does not define, kept rather than dropped.
@@ -74,12 +85,13 @@ class Envelope:
         """EventData parsed as a JSON object.
 
         Raises:
-            ValidationError: EventData is not a JSON object.
+            ValidationError: EventData is not a JSON object (not JSON, nested too deeply,
+                a duplicate key, NaN or a number out of range, not an object).
         """
         try:
-            data = json.loads(self.event_data_text)
+            data = _decode(self.event_data_text)
         except ValueError as exc:
-            raise self._error(f"EventData is not valid JSON: {exc}", "EventData") from None
+            raise self._error(f"EventData is not valid JSON: {_short(exc)}", "EventData") from None
         except RecursionError:
             raise self._error("EventData is nested too deeply to parse", "EventData") from None
         if not isinstance(data, dict):
@@ -89,8 +101,9 @@ class Envelope:
     def key(self) -> str:
         """The record key (RoomId, else PublicStreamId, TaskId, AppId, EventId).
 
-        An EventData that does not parse still gets a key (AppId, else EventId), so the raw
-        record can be written and then dead-lettered by the router with its reason.
+        Never raises: an EventData that does not parse still gets a key (AppId, else
+        EventId), so the raw record can be written and then dead-lettered by the router with
+        its reason.
         """
         try:
             data = self.event_data()
@@ -112,58 +125,81 @@ def parse_envelope(body: bytes | str) -> Envelope:
     accepted, written and dead-lettered with its reason.
 
     Raises:
-        ValidationError: the body is not a JSON object, or an envelope field is missing or
-            malformed; ``field`` names it.
+        ValidationError: the body is not UTF-8 JSON (or has a duplicate key, NaN, Infinity,
+            a number out of range, nesting too deep to parse), is not a JSON object, or an
+            envelope field is missing, of the wrong type, holds a lone surrogate or is
+            malformed; ``field`` names the field.
     """
     try:
-        document = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"body is not UTF-8: {_short(exc)}") from None
+    try:
+        document = _decode(text)
+    except _NotStrict as exc:
+        raise ValidationError(f"body is not strict JSON: {_short(exc)}") from None
+    except ValueError as exc:
         raise ValidationError(f"body is not JSON: {_short(exc)}") from None
+    except RecursionError:
+        raise ValidationError("body is nested too deeply to parse") from None
     if not isinstance(document, dict):
         raise ValidationError("body is not a JSON object")
 
-    event_type = document.get("EventType")
-    event_id = document.get("EventId")
-    for name in REQUIRED_FIELDS:
-        if document.get(name) in (None, ""):
-            raise ValidationError(
-                f"{name} is missing",
-                field=name,
-                event_type=_text_or_none(event_type),
-                event_id=_text_or_none(event_id),
+    for name in _ENVELOPE_FIELDS:
+        value = document.get(name)
+        if value.__class__ is str:
+            valid = (value or name not in _REQUIRED) and (
+                value.isascii() or _lone_surrogate(value) is None
             )
-    for name in (*REQUIRED_FIELDS, *SIGNATURE_FIELDS):
-        if name != "EventData" and name in document and not isinstance(document[name], str):
-            raise ValidationError(
-                f"{name} must be a string, got {type(document[name]).__name__}",
-                field=name,
-                event_type=_text_or_none(event_type),
-                event_id=_text_or_none(event_id),
-            )
+        elif name == "EventData":
+            valid = isinstance(value, dict)
+        else:
+            valid = name not in _REQUIRED and name not in document
+        if not valid:
+            raise _field_error(document, name)
 
     event_data = document["EventData"]
     if isinstance(event_data, dict):
-        # Some senders send an object; the compact form is the best guess at what they signed.
-        event_data = json.dumps(event_data, separators=(",", ":"), ensure_ascii=False)
-    elif not isinstance(event_data, str):
-        raise ValidationError(
-            f"EventData must be a JSON string or object, got {type(event_data).__name__}",
-            field="EventData",
-            event_type=event_type,
-            event_id=event_id,
-        )
+        # Some senders send an object. No string was received, so the signature covers the
+        # object's text as it stands in the body; a re-serialisation would be a guess.
+        event_data = _member_text(text, "EventData")
 
     return Envelope(
-        event_type=event_type,
+        event_type=document["EventType"],
         event_data_text=event_data,
         event_time=document["EventTime"],
-        event_time_ms=parse_event_time(document["EventTime"], event_type, event_id),
-        event_id=event_id,
+        event_time_ms=parse_event_time(
+            document["EventTime"], document["EventType"], document["EventId"]
+        ),
+        event_id=document["EventId"],
         app_id=document["AppId"],
         version=document["Version"],
         nonce=document.get("Nonce", ""),
         signature=document.get("Signature", ""),
         extra={k: v for k, v in document.items() if k not in KNOWN_FIELDS},
+    )
+
+
+def _field_error(document: dict[str, Any], name: str) -> ValidationError:
+    """Why envelope field ``name`` of ``document`` is refused."""
+    value = document.get(name)
+    if name in _REQUIRED and (value is None or value == ""):
+        message = f"{name} is missing"
+    elif not isinstance(value, str):
+        kind = "a JSON string or object" if name == "EventData" else "a string"
+        message = f"{name} must be {kind}, got {_json_type(value)}"
+    else:
+        where = _lone_surrogate(value)
+        message = (
+            f"{name} holds a lone surrogate (U+{ord(value[where or 0]):04X} at character "
+            f"{where}), which is not Unicode text"
+        )
+    # Only valid text goes into an error: it is shown, logged and written as a header.
+    return ValidationError(
+        message,
+        field=name,
+        event_type=_text_or_none(document.get("EventType")),
+        event_id=_text_or_none(document.get("EventId")),
     )
 
 
@@ -194,7 +230,7 @@ def sign(envelope_fields: Iterable[str], secret: str) -> str:
     order, concatenate, SHA-256, lowercase hex.
 
     ``envelope_fields`` are EventType, EventData, EventTime, EventId, AppId, Version and
-    Nonce, each exactly as received.
+    Nonce, each exactly as received (valid text: :func:`parse_envelope` refuses the rest).
     """
     # Python orders str by code point, which for UTF-8 text is the same as byte order.
     parts = sorted([*envelope_fields, secret])
@@ -229,29 +265,75 @@ def raw_headers(envelope: Envelope, received_ms: int) -> list[tuple[str, bytes]]
 
 
 class SignatureVerifier:
-    """Checks callback signatures against the active secrets.
+    """Checks callback signatures against the active secrets, and EventTime against the clock.
 
     Several secrets can be active at once, for rotation; an AppId with secrets of its own
     is checked against those only. Every candidate is compared in constant time.
 
-    The optional EventTime skew window is off by default: the sender retries a failed
-    callback with the same EventTime up to minutes later, so a tight window would refuse
-    legitimate retries, and replays inside the dedupe window are already defused by
-    EventId dedupe. Turn it on to refuse replays older than the window.
+    A signed callback is also refused when its EventTime is more than ``skew_s`` (default
+    300 s) from the time it is received: a captured callback replayed later fails, and one
+    replayed sooner is a duplicate the router's EventId dedupe drops, as long as its window
+    covers ``2 * skew_s`` (:class:`consumer.settings.Settings` requires it). The sender
+    retries a failed callback with the same EventTime, so the window must leave room for
+    its retries and for clock differences.
+
+    Args:
+        secrets: the shared secrets.
+        app_secrets: AppId -> that app's secrets.
+        skew_s: the largest accepted distance of EventTime from the time of receipt.
+        unsigned: check nothing at all (no secrets may be given then): callbacks are not
+            authenticated, which is logged as a warning.
+
+    Raises:
+        ConfigError: no secret and not ``unsigned``; secrets and ``unsigned``; an empty
+            secret, an AppId without secrets, or a ``skew_s`` that is not positive.
     """
 
     def __init__(
         self,
         secrets: Iterable[str] = (),
         app_secrets: Mapping[str, Iterable[str]] | None = None,
-        skew_s: float | None = None,
+        skew_s: float = DEFAULT_SKEW_S,
+        *,
+        unsigned: bool = False,
     ) -> None:
         self._secrets = tuple(secrets)
         self._app_secrets = {app: tuple(s) for app, s in (app_secrets or {}).items()}
-        self._skew_ms = None if skew_s is None else int(skew_s * 1000)
+        if not (isinstance(skew_s, (int, float)) and math.isfinite(skew_s) and skew_s > 0):
+            raise ConfigError("signature_skew_s must be a positive number of seconds")
+        self._skew_ms = int(skew_s * 1000)
+        configured = bool(self._secrets or self._app_secrets)
+        if unsigned and configured:
+            raise ConfigError(
+                "unsigned is set together with callback secrets (secrets or app_secrets): "
+                "either signatures are checked or they are not; unset one of them"
+            )
+        if not unsigned and not configured:
+            raise ConfigError(
+                "no callback secrets: set secrets (RTCBUS_SECRETS, rtcbus shim --secrets) or "
+                "app_secrets (RTCBUS_APP_SECRETS), or, to accept callbacks nobody signed, "
+                "unsigned (RTCBUS_UNSIGNED=true, rtcbus shim --unsigned)"
+            )
+        if any(not secret for secret in self._secrets):
+            raise ConfigError("secrets: a callback secret is empty")
+        for app, app_secrets_of in self._app_secrets.items():
+            if not app_secrets_of or any(not secret for secret in app_secrets_of):
+                raise ConfigError(f"app_secrets[{app!r}]: no secret, or an empty one")
+        self._unsigned = unsigned
+        if unsigned:
+            log.warning(
+                "SIGNATURES ARE NOT CHECKED (unsigned): callbacks are not authenticated, and "
+                "anyone who can reach the shim can write any callback to the raw topic"
+            )
 
     @classmethod
     def from_settings(cls, settings: Any) -> SignatureVerifier:
+        """The verifier ``settings`` describe (``secrets``, ``app_secrets``,
+        ``signature_skew_s``, ``unsigned``).
+
+        Raises:
+            ConfigError: as the constructor.
+        """
         return cls(
             secrets=[s.get_secret_value() for s in settings.secrets],
             app_secrets={
@@ -259,19 +341,25 @@ class SignatureVerifier:
                 for app, secrets in settings.app_secrets.items()
             },
             skew_s=settings.signature_skew_s,
+            unsigned=settings.unsigned,
         )
 
     @property
     def enabled(self) -> bool:
-        return bool(self._secrets or self._app_secrets)
+        """Whether signatures are checked (False only for ``unsigned``)."""
+        return not self._unsigned
 
     def verify(self, envelope: Envelope, now_ms: int | None = None) -> None:
         """Accept the envelope or raise.
 
+        Args:
+            now_ms: when the callback was received, epoch ms. The receiver always gives it;
+                None checks the signature alone (re-checking a stored record later).
+
         Raises:
             SignatureError: no secret matches, or EventTime is outside the skew window.
         """
-        if not self.enabled:
+        if self._unsigned:
             return
         candidates = self._app_secrets.get(envelope.app_id, self._secrets)
         fields = signed_fields(envelope)
@@ -287,22 +375,14 @@ class SignatureVerifier:
                 event_type=envelope.event_type,
                 event_id=envelope.event_id,
             )
-        if self._skew_ms is not None and now_ms is not None:
-            if abs(now_ms - envelope.event_time_ms) > self._skew_ms:
-                raise SignatureError(
-                    "EventTime is outside the accepted skew window",
-                    field="EventTime",
-                    event_type=envelope.event_type,
-                    event_id=envelope.event_id,
-                )
-
-
-def _text_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _short(exc: Exception) -> str:
-    return str(exc)[:200]
+        if now_ms is not None and abs(now_ms - envelope.event_time_ms) > self._skew_ms:
+            raise SignatureError(
+                f"EventTime is more than {self._skew_ms / 1000:g} s from the time of receipt "
+                "(the accepted skew window): a late replay, or a clock far off",
+                field="EventTime",
+                event_type=envelope.event_type,
+                event_id=envelope.event_id,
+            )
 
 
 def partition_key(event_data: Mapping[str, object], app_id: str, event_id: str) -> str:
@@ -310,9 +390,107 @@ def partition_key(event_data: Mapping[str, object], app_id: str, event_id: str) 
 
     Duplicates of one event share it, so they land in one partition, which is what makes
     per-partition dedupe correct; all events of a room share it, which keeps their order.
+    A key field that is empty, not a scalar, or not valid text (a lone surrogate) counts as
+    absent: the key must be writable, and the router dead-letters such a record anyway.
     """
     for name in KEY_FIELDS:
         value = event_data.get(name)
-        if value not in (None, ""):
-            return str(value)
+        if value in (None, "") or isinstance(value, (dict, list)):
+            continue
+        text = str(value)
+        if _lone_surrogate(text) is None:
+            return text
     return app_id or event_id
+
+
+# -- JSON as the protocol means it ---------------------------------------------------------------
+
+
+class _NotStrict(ValueError):
+    """Syntactically JSON, but what the protocol's JSON cannot mean."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotStrict(f"number {text[:32]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> object:
+    raise _NotStrict(f"{name} is not a JSON value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _NotStrict(f"duplicate key {key[:64]!r}")
+            seen.add(key)
+    return document
+
+
+# Strict JSON: a duplicate key (which copy would the signer have meant?), NaN, Infinity and
+# numbers beyond a double are refused rather than read one way here and another elsewhere.
+_DECODER = json.JSONDecoder(
+    parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=_unique_keys
+)
+_WHITESPACE = json.decoder.WHITESPACE
+
+
+def _decode(text: str) -> Any:
+    if text.startswith("\ufeff"):
+        raise _NotStrict("a byte order mark precedes the JSON")
+    return _DECODER.decode(text)
+
+
+def _member_text(text: str, name: str) -> str:
+    """The JSON text of member ``name`` of the top-level object in ``text``, as written.
+
+    ``text`` has been decoded already, so it is valid JSON with unique keys.
+    """
+    index = _WHITESPACE.match(text, 0).end() + 1  # past the "{"
+    while True:
+        index = _WHITESPACE.match(text, index).end()
+        key, index = json.decoder.scanstring(text, index + 1)  # past the opening quote
+        index = _WHITESPACE.match(text, index).end() + 1  # past the ":"
+        start = _WHITESPACE.match(text, index).end()
+        _, end = _DECODER.raw_decode(text, start)
+        if key == name:
+            return text[start:end]
+        index = _WHITESPACE.match(text, end).end() + 1  # past the ","
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Where ``text`` holds a lone surrogate (JSON's ``\\ud800`` escapes allow it), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and _lone_surrogate(value) is None else None
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _short(exc: Exception) -> str:
+    return str(exc)[:200]

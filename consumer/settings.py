@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from consumer.envelope import DEFAULT_SKEW_S
 from consumer.errors import ConfigError
 
 # librdkafka properties a user may pass through (security, networking, tuning).
@@ -59,10 +60,31 @@ OWNED_KAFKA_KEYS = frozenset(
 )
 
 
-def _split_commas(value: object) -> object:
+def _split_secrets(value: object, where: str = "") -> object:
+    """A comma-separated list of secrets; an empty string is none.
+
+    An empty entry (``"a,,b"``, ``"a, "``, ``" , "``) is an error, not a secret that is
+    off, and so is one that is not valid UTF-8 (the signature hashes UTF-8). The message
+    gives the entry's position, never a value.
+    """
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+        if value == "":
+            return []
+        parts = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        parts = [p.get_secret_value() if isinstance(p, SecretStr) else p for p in value]
+    else:
+        return value
+    for number, part in enumerate(parts, 1):
+        if not isinstance(part, str):
+            continue  # pydantic names the wrong type
+        if not part.strip():
+            raise ValueError(f"{where}entry {number} of {len(parts)} is empty")
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}entry {number} of {len(parts)} is not valid UTF-8") from None
+    return parts
 
 
 class Settings(BaseSettings):
@@ -113,8 +135,19 @@ class Settings(BaseSettings):
     app_secrets: dict[str, Annotated[list[SecretStr], NoDecode]] = Field(
         default_factory=dict, description="Per-AppId secrets, JSON: {\"app\": \"s1,s2\"}."
     )
-    signature_skew_s: float | None = Field(
-        None, gt=0, description="Reject callbacks whose EventTime is further than this from now."
+    signature_skew_s: float = Field(
+        DEFAULT_SKEW_S, gt=0,
+        description=(
+            "Refuse callbacks whose EventTime is further than this from now: a replay older "
+            "than the dedupe window is refused. At most dedupe_window_s / 2."
+        ),
+    )
+    unsigned: bool = Field(
+        False,
+        description=(
+            "Accept callbacks without checking signatures (no secrets may be set then): "
+            "anyone who reaches the shim can write to the raw topic."
+        ),
     )
 
     # -- shim -------------------------------------------------------------------------------------
@@ -200,14 +233,22 @@ class Settings(BaseSettings):
     @field_validator("secrets", mode="before")
     @classmethod
     def _secrets_from_commas(cls, value: object) -> object:
-        return _split_commas(value)
+        return _split_secrets(value)
 
     @field_validator("app_secrets", mode="before")
     @classmethod
     def _app_secrets_from_commas(cls, value: object) -> object:
-        if isinstance(value, dict):
-            return {app: _split_commas(secrets) for app, secrets in value.items()}
-        return value
+        if not isinstance(value, dict):
+            return value
+        split = {}
+        for app, secrets in value.items():
+            if isinstance(app, str) and not app.strip():
+                raise ValueError("an AppId is empty")
+            parts = _split_secrets(secrets, f"AppId {app!r}: ")
+            if parts == []:
+                raise ValueError(f"AppId {app!r}: no secret")
+            split[app] = parts
+        return split
 
     @field_validator("kafka_config")
     @classmethod
@@ -219,6 +260,22 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown Kafka properties: {', '.join(unknown)}")
         return value
+
+    @model_validator(mode="after")
+    def _skew_within_dedupe_window(self) -> Settings:
+        # A replay is accepted only within signature_skew_s of its EventTime, and the
+        # original was received no earlier than EventTime - skew: two accepted copies are at
+        # most 2 * skew apart, and only a dedupe window that long drops the second. Unsigned,
+        # anyone can forge a fresh callback, so the bound protects nothing and is not required.
+        if not self.unsigned and 2 * self.signature_skew_s > self.dedupe_window_s:
+            raise ValueError(
+                f"signature_skew_s ({self.signature_skew_s:g}) must be at most half of "
+                f"dedupe_window_s ({self.dedupe_window_s:g}): a signed callback is accepted "
+                "within signature_skew_s of its EventTime, so a replay can arrive up to "
+                "2 * signature_skew_s after the original, and the router's dedupe window must "
+                "still remember the original's EventId then"
+            )
+        return self
 
     @model_validator(mode="after")
     def _registry_for_confluent_format(self) -> Settings:

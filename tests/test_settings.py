@@ -79,3 +79,115 @@ def test_an_invalid_value_names_the_setting(monkeypatch):
 
     with pytest.raises(ConfigError, match="partitions"):
         load_settings()
+
+
+# -- callback secrets, unsigned mode, the skew window -----------------------------------------------
+
+
+def test_signatures_are_on_by_default_with_a_five_minute_skew_window():
+    settings = load_settings()
+
+    assert settings.unsigned is False
+    assert settings.signature_skew_s == 300
+    assert settings.secrets == []
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("1", True), ("false", False)])
+def test_unsigned_comes_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("RTCBUS_UNSIGNED", value)
+
+    assert load_settings().unsigned is expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("one", ["one"]), ("one,two", ["one", "two"]), (" one , two ", ["one", "two"]), ("", [])],
+)
+def test_secrets_are_comma_separated(monkeypatch, value, expected):
+    monkeypatch.setenv("RTCBUS_SECRETS", value)
+
+    assert [s.get_secret_value() for s in load_settings().secrets] == expected
+
+
+@pytest.mark.parametrize("value", [" , ", ",", "a,,b", "a, ", " ,a", " "])
+def test_an_empty_secret_entry_is_an_error_naming_the_setting(monkeypatch, value):
+    monkeypatch.setenv("RTCBUS_SECRETS", value.replace("a", "hunter2").replace("b", "tiger3"))
+
+    with pytest.raises(ConfigError, match=r"secrets: .*entry \d+ of \d+ is empty") as raised:
+        load_settings()
+    assert "hunter2" not in str(raised.value) and "tiger3" not in str(raised.value)
+
+
+def test_an_empty_secret_given_as_a_flag_is_an_error_too():
+    with pytest.raises(ConfigError, match="secrets: .*entry 2 of 2 is empty"):
+        load_settings(secrets="hunter2,")
+
+
+def test_a_secret_that_is_not_utf8_is_an_error(monkeypatch):
+    monkeypatch.setenv("RTCBUS_SECRETS", "good,b\udcffd")  # a non-UTF-8 byte, as os.environ holds it
+
+    with pytest.raises(ConfigError, match="secrets: .*entry 2 of 2 is not valid UTF-8") as raised:
+        load_settings()
+    assert "good" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ({"app-a": "s1,,s2"}, r"app_secrets: .*AppId 'app-a': entry 2 of 3 is empty"),
+        ({"app-a": "s1, "}, r"app_secrets: .*AppId 'app-a': entry 2 of 2 is empty"),
+        ({"app-a": ""}, r"app_secrets: .*AppId 'app-a': no secret"),
+        ({"app-a": []}, r"app_secrets: .*AppId 'app-a': no secret"),
+        ({" ": "s1"}, "app_secrets: .*an AppId is empty"),
+    ],
+)
+def test_an_empty_app_secret_is_an_error_naming_the_app(monkeypatch, value, named):
+    monkeypatch.setenv("RTCBUS_APP_SECRETS", json.dumps(value))
+
+    with pytest.raises(ConfigError, match=named) as raised:
+        load_settings()
+    assert "s1" not in str(raised.value) and "s2" not in str(raised.value)
+
+
+def test_app_secrets_are_comma_separated(monkeypatch):
+    monkeypatch.setenv("RTCBUS_APP_SECRETS", json.dumps({"app-a": "s1, s2", "app-b": "s3"}))
+
+    settings = load_settings()
+
+    assert {app: [s.get_secret_value() for s in v] for app, v in settings.app_secrets.items()} == {
+        "app-a": ["s1", "s2"], "app-b": ["s3"],
+    }
+    assert "s1" not in json.dumps(settings.describe())
+
+
+@pytest.mark.parametrize("value", ["none", "0", "-5", ""])
+def test_the_skew_window_cannot_be_turned_off(monkeypatch, value):
+    monkeypatch.setenv("RTCBUS_SIGNATURE_SKEW_S", value)
+
+    with pytest.raises(ConfigError, match="signature_skew_s"):
+        load_settings()
+
+
+def test_the_skew_window_must_fit_twice_in_the_dedupe_window():
+    assert load_settings(signature_skew_s=450, dedupe_window_s=900).signature_skew_s == 450
+    assert load_settings(signature_skew_s=30, dedupe_window_s=60).dedupe_window_s == 60
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(signature_skew_s=451, dedupe_window_s=900)
+    message = str(raised.value)
+    assert "signature_skew_s (451)" in message and "dedupe_window_s (900)" in message
+    assert "replay" in message and "2 * signature_skew_s" in message
+
+
+def test_a_short_dedupe_window_needs_a_shorter_skew_window(monkeypatch):
+    monkeypatch.setenv("RTCBUS_DEDUPE_WINDOW_S", "60")
+
+    with pytest.raises(ConfigError, match=r"signature_skew_s \(300\) must be at most half of dedupe_window_s \(60\)"):
+        load_settings()
+    monkeypatch.setenv("RTCBUS_SIGNATURE_SKEW_S", "30")
+    assert load_settings().signature_skew_s == 30
+
+
+def test_unsigned_needs_no_relation_between_the_windows():
+    # Anyone can forge a fresh callback then: the bound would protect nothing.
+    assert load_settings(unsigned=True, dedupe_window_s=60).signature_skew_s == 300
