@@ -381,6 +381,36 @@ def audit(
     raise typer.Exit(report.exit_code)
 
 
+# -- rtcbus quarantine -----------------------------------------------------------------------
+
+
+def quarantine_redrive(
+    ctx: typer.Context,
+    secrets: Annotated[
+        str | None,
+        typer.Option(help="The callback secrets that are right now, comma-separated (env RTCBUS_SECRETS)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and report; write and commit nothing.")] = False,
+) -> None:
+    """Forward quarantined callbacks that pass the signature check now to raw, exactly once.
+
+    Run it after fixing a secret. Records that still fail are listed and passed over. Exit
+    status 0 once every record that passes is forwarded (those still failing are reported,
+    not an error); 1 when Kafka or the settings fail.
+    """
+    from consumer import quarantine
+
+    summary = quarantine.redrive(_settings(ctx, secrets=secrets), dry_run=dry_run, report=typer.echo)
+    typer.echo(summary.describe())
+
+
+def quarantine_list(ctx: typer.Context) -> None:
+    """Count the quarantined callbacks by reason and AppId, and those not redriven yet."""
+    from consumer import quarantine
+
+    typer.echo(quarantine.list_quarantine(_settings(ctx)).describe())
+
+
 # -- the command tree ------------------------------------------------------------------------
 
 app = _Rtcbus(no_args_is_help=True, add_completion=False)
@@ -407,6 +437,11 @@ app.command("up")(up)
 app.command("shim")(shim)
 app.command("send")(send)
 app.command("audit")(audit)
+
+quarantine_app = typer.Typer(no_args_is_help=True, help="Callbacks refused for their signature, kept for a redrive.")
+quarantine_app.command("redrive")(quarantine_redrive)
+quarantine_app.command("list")(quarantine_list)
+app.add_typer(quarantine_app, name="quarantine")
 
 if __name__ == "__main__":
     app()
