@@ -1,10 +1,14 @@
 """The ingest shim: signed callbacks in over HTTP, their raw bytes out to Kafka.
 
-``POST /callbacks`` answers 200 only once the broker has acknowledged the record
-(``acks=all``, idempotent producer), a 4xx naming the problem for a request that can never
-succeed, and 503 when Kafka cannot take the record within ``ack_timeout_s``, so the sender
-retries. The body is produced byte for byte as received; only the envelope is parsed, for
-the signature and the record key.
+``POST /callbacks`` answers 200 only once the callback is durable: acknowledged by the broker
+(``acks=all``, idempotent producer), or fsynced to the local spool while Kafka cannot take it in
+time (``consumer.ingest``). It answers a 4xx naming the problem for a request that can never
+succeed, and 503 only when neither Kafka nor the spool can take the record, so the sender
+retries. The body is produced byte for byte as received; only the envelope is parsed, for the
+signature and the record key.
+
+Two listeners: the public one serves ``/callbacks`` (and the probes), the admin one, on
+loopback by default, ``/metrics``, ``/openapi.json`` and the probes.
 
 librdkafka reports deliveries through ``Producer.poll()``, which blocks. A
 :class:`DeliveryBridge` runs that loop on a thread of its own and hands each batch of reports
@@ -28,24 +32,18 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from consumer.envelope import (
-    HEADER_APP_ID,
-    HEADER_EVENT_ID,
-    HEADER_EVENT_TYPE,
-    HEADER_RECEIVED_AT,
-    HEADER_VERSION,
-    Envelope,
-    SignatureVerifier,
-    parse_envelope,
-)
+from consumer.envelope import SignatureVerifier, parse_envelope, raw_headers
 from consumer.errors import CallbackError, SignatureError
+from consumer.ingest import Ingest, IngestCounters, NotStored, Stored
 from consumer.kafka.config import producer_config
 from consumer.settings import Settings
+from consumer.spool import Spool, SpoolRecord
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +69,12 @@ OPENAPI_BASE = {
 }
 
 
-class ProduceRefused(Exception):
-    """Kafka did not take a record; ``status`` is the HTTP answer that tells the sender why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 class BodyTooLarge(Exception):
     """The request body exceeds ``max_body_bytes``; it is not read any further."""
+
+
+class BodyTooSlow(Exception):
+    """The request body did not arrive within ``shim_body_timeout_s``."""
 
 
 class DeliveryBridge:
@@ -120,9 +113,10 @@ class DeliveryBridge:
     def stop(self, flush_timeout_s: float = SHUTDOWN_FLUSH_S) -> int:
         """Deliver what is queued, settle its requests, stop the thread, close the producer.
 
-        Blocking. Records still undelivered after ``flush_timeout_s`` are purged: their
-        requests were answered 503 (nobody got a 200 for them), and ``close()`` would
-        otherwise wait for each of them up to ``message.timeout.ms`` (5 minutes by default).
+        Blocking. Records still undelivered after ``flush_timeout_s`` are purged: each
+        request was answered 503 or its record is kept in the spool (nobody got a 200 for a
+        record only the queue held), and ``close()`` would otherwise wait for them forever
+        (the shim's records never time out).
 
         Returns:
             How many records were still undelivered when the flush gave up.
@@ -148,7 +142,7 @@ class DeliveryBridge:
         only enqueues and never blocks.
 
         Raises:
-            ProduceRefused: the local queue is full (503), the record is larger than the
+            NotStored: the local queue is full (503), the record is larger than the
                 producer accepts (413), or the producer is unusable (503).
         """
         assert self._loop is not None, "DeliveryBridge.start() was not called"
@@ -162,7 +156,7 @@ class DeliveryBridge:
                 on_delivery=functools.partial(self._on_delivery, future),
             )
         except BufferError:
-            raise ProduceRefused(503, "Kafka producer queue is full, retry later") from None
+            raise NotStored(503, "Kafka producer queue is full, retry later") from None
         except KafkaException as exc:
             raise _refusal(exc.args[0]) from None
         return future
@@ -219,11 +213,11 @@ def _settle(reports: list[tuple[asyncio.Future[Message], KafkaError | None, Mess
             future.set_exception(_refusal(error))
 
 
-def _refusal(error: KafkaError) -> ProduceRefused:
+def _refusal(error: KafkaError) -> NotStored:
     # A record over message.max.bytes can never succeed: a 4xx stops the sender retrying it.
     if error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-        return ProduceRefused(413, "body is larger than the Kafka producer accepts")
-    return ProduceRefused(503, f"Kafka did not take the record: {error.name()}, retry later")
+        return NotStored(413, "body is larger than the Kafka producer accepts")
+    return NotStored(503, f"Kafka did not take the record: {error.name()}, retry later")
 
 
 class ShimMetrics:
@@ -237,9 +231,26 @@ class ShimMetrics:
             ["status"],
             registry=registry,
         )
+        self.refused = Counter(
+            "rtcbus_shim_refused",
+            "Callbacks refused for what they are (4xx), by reason; nothing of them was stored.",
+            ["reason"],
+            registry=registry,
+        )
+        self.signature_failures = Counter(
+            "rtcbus_shim_signature_failures",
+            "Callbacks that parsed but failed the signature check (a wrong or rotated secret?).",
+            registry=registry,
+        )
+        self.stored = Counter(
+            "rtcbus_shim_stored",
+            "Callbacks answered 200, by where they were durable: kafka (acknowledged) or spool.",
+            ["via"],
+            registry=registry,
+        )
         self.produce_seconds = Histogram(
             "rtcbus_shim_produce_seconds",
-            "Time from produce to the broker's acknowledgement (acks=all), successful only.",
+            "Time from produce to the broker's acknowledgement (acks=all), direct 200s only.",
             buckets=_PRODUCE_SECONDS_BUCKETS,
             registry=registry,
         )
@@ -247,6 +258,61 @@ class ShimMetrics:
             "rtcbus_shim_in_flight",
             "POST /callbacks requests being handled now.",
             registry=registry,
+        )
+        self.spool_forwarded = Counter(
+            "rtcbus_shim_spool_forwarded",
+            "Spooled callbacks delivered to Kafka and deleted from the spool.",
+            registry=registry,
+        )
+        self.spool_refused = Counter(
+            "rtcbus_shim_spool_refused",
+            "Callbacks the spool could not take (answered 503), by reason: full or unavailable.",
+            ["reason"],
+            registry=registry,
+        )
+        self.spool_depth = Gauge(
+            "rtcbus_shim_spool_depth", "Callbacks in the spool.", registry=registry
+        )
+        self.spool_bytes = Gauge(
+            "rtcbus_shim_spool_bytes", "Bytes of callbacks in the spool.", registry=registry
+        )
+        self.spool_oldest_age = Gauge(
+            "rtcbus_shim_spool_oldest_age_seconds",
+            "Age of the oldest callback in the spool; 0 when it is empty.",
+            registry=registry,
+        )
+        self.spool_available = Gauge(
+            "rtcbus_shim_spool_available",
+            "1 when the spool is open and writable, 0 when it is off or could not be opened.",
+            registry=registry,
+        )
+        self.spooling = Gauge(
+            "rtcbus_shim_spooling",
+            "1 while new callbacks go to the spool (it holds records), 0 while they go to Kafka.",
+            registry=registry,
+        )
+
+    def watch(self, ingest: Ingest) -> None:
+        """Read the spool's gauges from ``ingest`` at each scrape."""
+
+        def spool_value(read: Any) -> float:
+            spool = ingest.spool
+            return 0.0 if spool is None else float(read(spool))
+
+        def oldest_age(spool: Spool) -> float:
+            return 0.0 if spool.oldest_ms is None else max(time.time() - spool.oldest_ms / 1000, 0.0)
+
+        self.spool_depth.set_function(lambda: spool_value(lambda spool: spool.depth))
+        self.spool_bytes.set_function(lambda: spool_value(lambda spool: spool.bytes))
+        self.spool_oldest_age.set_function(lambda: spool_value(oldest_age))
+        self.spool_available.set_function(lambda: float(ingest.spool is not None))
+        self.spooling.set_function(lambda: float(ingest.spooling))
+
+    def counters(self) -> IngestCounters:
+        return IngestCounters(
+            stored=lambda where: self.stored.labels(where.value).inc(),
+            forwarded=self.spool_forwarded.inc,
+            spool_refused=lambda reason: self.spool_refused.labels(reason).inc(),
         )
 
 
@@ -257,16 +323,20 @@ class Shim:
         self,
         settings: Settings,
         bridge: DeliveryBridge,
+        ingest: Ingest,
         metrics: ShimMetrics,
         verifier: SignatureVerifier,
     ) -> None:
         self.topic = settings.raw_topic
         self.max_body_bytes = settings.max_body_bytes
         self.ack_timeout_s = settings.ack_timeout_s
+        self.body_timeout_s = settings.shim_body_timeout_s
         self.bridge = bridge
+        self.ingest = ingest
         self.metrics = metrics
         self.verifier = verifier
         self.schemas = SchemaGenerator(OPENAPI_BASE)
+        self.public_routes: list[Route] = []
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -277,8 +347,11 @@ class Shim:
         description: >
           The body is the vendor's JSON envelope (EventType, EventData, EventTime, EventId,
           AppId, Version, Nonce, Signature). It is written to the raw Kafka topic byte for
-          byte, keyed by RoomId (else PublicStreamId, TaskId, AppId, EventId). 200 means the
-          broker has acknowledged it; any other answer means it was not stored.
+          byte, keyed by RoomId (else PublicStreamId, TaskId, AppId, EventId). 200 means it is
+          durable: acknowledged by Kafka (acks=all), or fsynced to the shim's local spool,
+          from which it is forwarded to Kafka in order. Any other answer means it was not
+          stored (a 503 may leave a copy in the producer's queue: at most a duplicate, which
+          the router's EventId dedupe absorbs).
         requestBody:
           required: true
           content:
@@ -297,7 +370,7 @@ class Shim:
                   Signature: {type: string, description: lowercase hex SHA-256}
         responses:
           200:
-            description: Stored in Kafka (acks=all).
+            description: Durable, in Kafka (acks=all) or in the local spool.
             content:
               application/json:
                 schema:
@@ -305,11 +378,14 @@ class Shim:
                   properties:
                     status: {type: string, enum: [ok]}
                     EventId: {type: string}
+                    stored: {type: string, enum: [kafka, spool]}
           400: {description: 'Not JSON, or an envelope field missing or malformed. Body: {"error": ...}'}
-          401: {description: 'Signature matches no configured secret (or EventTime is outside the
-            configured skew window). Body: {"error": ...}'}
+          401: {description: 'Signature matches no configured secret, or EventTime is outside the
+            accepted window. Body: {"error": ...}'}
+          408: {description: 'The body did not arrive in time. Body: {"error": ...}'}
           413: {description: 'Body larger than the limit. Body: {"error": ...}'}
-          503: {description: 'Kafka did not acknowledge in time; retry. Body: {"error": ...}'}
+          503: {description: 'Neither Kafka nor the spool took it in time (or too many requests
+            at once); retry. Body: {"error": ...}'}
         """
         started = time.monotonic()
         received_ms = time.time_ns() // 1_000_000
@@ -327,71 +403,89 @@ class Shim:
         self, request: Request, deadline: float, received_ms: int
     ) -> Response:
         try:
-            body = await _read_limited(request, self.max_body_bytes)
+            body = await _read_limited(request, self.max_body_bytes, self.body_timeout_s)
         except BodyTooLarge:
-            return _error(413, f"body is larger than {self.max_body_bytes} bytes")
+            return self._refuse(413, "too_large", f"body is larger than {self.max_body_bytes} bytes")
+        except BodyTooSlow:
+            return self._refuse(408, "body_timeout", f"body did not arrive within {self.body_timeout_s:g} s")
+        except ClientDisconnect:
+            return self._refuse(400, "disconnected", "the client disconnected before sending its body")
         try:
             envelope = parse_envelope(body)
+            key = envelope.key()
             self.verifier.verify(envelope, now_ms=received_ms)
+        except SignatureError as exc:
+            self.metrics.signature_failures.inc()
+            return self._refuse(401, "signature", str(exc), exc.field)
         except CallbackError as exc:
-            status = 401 if isinstance(exc, SignatureError) else 400
-            return _error(status, str(exc), exc.field)
+            return self._refuse(400, "invalid", str(exc), exc.field)
 
         produced_at = time.monotonic()
+        record = SpoolRecord(key, body, tuple(raw_headers(envelope, received_ms)))
         try:
-            delivery = self.bridge.produce(
-                self.topic, body, envelope.key(), _headers(envelope, received_ms)
-            )
-        except ProduceRefused as exc:
+            stored = await self.ingest.store(record, deadline)
+        except NotStored as exc:
+            if exc.status == 413:
+                return self._refuse(413, "too_large", exc.message)
             return _error(exc.status, exc.message)
-        try:
-            await asyncio.wait_for(delivery, timeout=max(deadline - time.monotonic(), 0))
-        except TimeoutError:
-            return _error(503, "Kafka did not acknowledge the record in time, retry later")
-        except ProduceRefused as exc:
-            return _error(exc.status, exc.message)
-        self.metrics.produce_seconds.observe(time.monotonic() - produced_at)
-        return JSONResponse({"status": "ok", "EventId": envelope.event_id})
+        if stored is Stored.KAFKA:
+            self.metrics.produce_seconds.observe(time.monotonic() - produced_at)
+        return JSONResponse({"status": "ok", "EventId": envelope.event_id, "stored": stored.value})
 
     async def healthz(self, request: Request) -> Response:
         """
-        summary: The process is up.
+        summary: Liveness. 503 when the producer hit a fatal error or a worker thread died, so
+          that an orchestrator restarts the process (the spool, on disk, survives it).
         responses:
           200: {description: Alive.}
+          503: {description: 'Broken for good. Body: {"error": ...}'}
         """
+        if self.bridge.fatal_error is not None:
+            return _error(503, f"Kafka producer failed for good: {self.bridge.fatal_error.name()}")
+        if not self.bridge.healthy:
+            return _error(503, "the Kafka producer's poll thread is not running")
+        if self.ingest.failure is not None:
+            return _error(503, f"the spool forwarder failed: {type(self.ingest.failure).__name__}")
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
         """
-        summary: Kafka is reachable, the raw topic exists and the producer is healthy.
+        summary: Readiness. 200 while a callback can be made durable (Kafka reachable with the
+          raw topic, or the spool taking records); 503 when neither.
         responses:
-          200: {description: Ready to accept callbacks.}
-          503: {description: 'Not ready. Body: {"error": ...}'}
+          200: {description: 'Ready. Body: {"status": "ready", "kafka": ..., "spool": ...}'}
+          503: {description: 'Not ready. Body: {"error": ..., "kafka": ..., "spool": ...}'}
         """
+        kafka, partitions = await self._kafka_state()
+        spool = self.ingest.state()
+        body: dict[str, Any] = {"topic": self.topic, "kafka": kafka, "spool": spool}
+        if partitions is not None:
+            body["partitions"] = partitions
+        if self.bridge.fatal_error is not None or not self.bridge.healthy:
+            reason = "the Kafka producer is not running"
+        elif kafka == "ok" or self.ingest.accepting:
+            return JSONResponse({"status": "ready", **body})
+        else:
+            reason = f"Kafka: {kafka}; spool: {spool.get('reason') or spool['state']}"
+        return JSONResponse({"error": f"not ready: {reason}", **body}, status_code=503)
+
+    async def _kafka_state(self) -> tuple[str, int | None]:
         if self.bridge.fatal_error is not None:
-            return _error(503, f"Kafka producer failed: {self.bridge.fatal_error.name()}")
-        if not self.bridge.healthy:
-            return _error(503, "Kafka producer is not running")
+            return f"producer failed: {self.bridge.fatal_error.name()}", None
         try:
             metadata = await asyncio.to_thread(
                 self.bridge.producer.list_topics, self.topic, timeout=READINESS_TIMEOUT_S
             )
         except KafkaException as exc:
-            return _error(503, f"Kafka is not reachable: {exc.args[0].name()}")
+            return f"not reachable: {exc.args[0].name()}", None
         topic = metadata.topics.get(self.topic)
         if topic is None:
-            reason = "not in the cluster's metadata"
-        elif topic.error is not None:
-            reason = topic.error.name()
-        elif not topic.partitions:
-            reason = "no partitions"
-        else:
-            reason = None
-        if reason is not None:
-            return _error(503, f"raw topic {self.topic} is not available: {reason}")
-        return JSONResponse(
-            {"status": "ready", "topic": self.topic, "partitions": len(topic.partitions)}
-        )
+            return f"raw topic {self.topic} is not in the cluster's metadata", None
+        if topic.error is not None:
+            return f"raw topic {self.topic} is not available: {topic.error.name()}", None
+        if not topic.partitions:
+            return f"raw topic {self.topic} has no partitions", None
+        return "ok", len(topic.partitions)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         """
@@ -401,30 +495,45 @@ class Shim:
         """
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi_document(self) -> dict[str, Any]:
+        """The OpenAPI description of the public listener."""
+        return self.schemas.get_schema(routes=self.public_routes)
+
     async def openapi(self, request: Request) -> Response:
         """
-        summary: This OpenAPI description.
+        summary: The OpenAPI description of the public listener.
         responses:
           200: {description: OpenAPI 3 document.}
         """
-        return JSONResponse(self.schemas.get_schema(routes=request.app.routes))
+        return JSONResponse(self.openapi_document())
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Start the poll thread; on shutdown wait for in-flight requests, flush, stop it."""
+        """Start the poll thread and the spool; on shutdown wait for in-flight requests,
+        forward what the spool holds for a while, flush, stop."""
         self.bridge.start(asyncio.get_running_loop())
+        try:
+            await self.ingest.start()
+        except BaseException:
+            await asyncio.to_thread(self.bridge.stop, 0)
+            raise
         try:
             yield
         finally:
             # The server has stopped accepting; what is in flight settles within its deadline.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=self.ack_timeout_s + 1)
+            await self.ingest.stop(drain_s=SHUTDOWN_FLUSH_S)
             unflushed = await asyncio.to_thread(self.bridge.stop)
             if unflushed:
                 log.warning(
-                    "Kafka did not take %d queued records before shutdown; dropped them "
-                    "(their requests were answered 503, so the sender retries them)", unflushed
+                    "Kafka did not take %d queued records before shutdown; each was answered "
+                    "503 or is kept in the spool", unflushed,
                 )
+
+    def _refuse(self, status: int, reason: str, message: str, field: str | None = None) -> JSONResponse:
+        self.metrics.refused.labels(reason).inc()
+        return _error(status, message, field)
 
     def _enter(self) -> None:
         self._in_flight += 1
@@ -443,7 +552,7 @@ def create_app(
     producer: Producer | None = None,
     registry: CollectorRegistry | None = None,
 ) -> Starlette:
-    """Build the shim's ASGI app.
+    """Build the shim's public ASGI app; ``app.state.admin`` is its admin app.
 
     Args:
         settings: the one Settings object.
@@ -454,69 +563,143 @@ def create_app(
 
     Raises:
         KafkaException: the producer configuration is invalid.
+        ConfigError: the signature settings are invalid.
     """
-    bridge = DeliveryBridge(producer if producer is not None else producer_config(settings))
-    shim = Shim(
-        settings,
-        bridge=bridge,
-        metrics=ShimMetrics(registry or CollectorRegistry()),
-        verifier=SignatureVerifier.from_settings(settings),
+    verifier = SignatureVerifier.from_settings(settings)
+    bridge = DeliveryBridge(producer if producer is not None else shim_producer_config(settings))
+    metrics = ShimMetrics(registry or CollectorRegistry())
+    ingest = Ingest(
+        bridge,
+        settings.raw_topic,
+        open_spool=_spool_opener(settings) if settings.spool else None,
+        spool_after_s=settings.spool_after_s,
+        counters=metrics.counters(),
     )
-    routes = [
+    metrics.watch(ingest)
+    shim = Shim(settings, bridge=bridge, ingest=ingest, metrics=metrics, verifier=verifier)
+    shim.public_routes = [
         Route("/callbacks", shim.receive_callback, methods=["POST"]),
         Route("/healthz", shim.healthz, methods=["GET"]),
         Route("/readyz", shim.readyz, methods=["GET"]),
-        Route("/metrics", shim.metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", shim.openapi, methods=["GET"], include_in_schema=False),
     ]
-    app = Starlette(routes=routes, lifespan=shim.lifespan)
+    admin_routes = [
+        Route("/metrics", shim.metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", shim.openapi, methods=["GET"]),
+        Route("/healthz", shim.healthz, methods=["GET"]),
+        Route("/readyz", shim.readyz, methods=["GET"]),
+    ]
+    app = Starlette(routes=shim.public_routes, lifespan=shim.lifespan)
     app.state.shim = shim
+    app.state.admin = Starlette(routes=admin_routes)
     return app
 
 
+def shim_producer_config(settings: Settings) -> dict[str, str]:
+    """The shim's producer: ``producer_config`` with records that never time out.
+
+    A record waits in the queue for Kafka as long as the process lives, so a room's later
+    record cannot be delivered ahead of an earlier one that timed out (see ``consumer.ingest``).
+    """
+    return {**producer_config(settings), "message.timeout.ms": "0"}
+
+
+def _spool_opener(settings: Settings) -> Any:
+    return functools.partial(Spool, settings.spool_path, settings.spool_max_bytes)
+
+
 def shim_server(settings: Settings, app: Starlette | None = None) -> uvicorn.Server:
-    """A uvicorn server for the shim on ``settings.shim_host:shim_port``; not started."""
+    """A uvicorn server for the shim's public listener on ``shim_host:shim_port``; not started."""
     config = uvicorn.Config(
         app or create_app(settings),
         host=settings.shim_host,
         port=settings.shim_port,
         lifespan="on",
+        http=_with_head_timeout(settings.shim_header_timeout_s),
+        # Connections and requests at once; past it uvicorn answers a fast 503 by itself.
+        limit_concurrency=settings.shim_max_concurrency,
         # Every request is counted in /metrics; a log line per callback would cost more
         # than the callback.
         access_log=False,
-        # In-flight requests end within ack_timeout_s; then the lifespan flushes.
+        # In-flight requests end within ack_timeout_s; then the lifespan drains and flushes.
         timeout_graceful_shutdown=int(settings.ack_timeout_s) + 2,
     )
     return uvicorn.Server(config)
 
 
+class AdminServer(uvicorn.Server):
+    """The admin listener: started beside the public server, which alone handles signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+def admin_server(settings: Settings, app: Starlette) -> AdminServer:
+    """A uvicorn server for ``app.state.admin`` on ``shim_admin_host:shim_admin_port``."""
+    config = uvicorn.Config(
+        app.state.admin,
+        host=settings.shim_admin_host,
+        port=settings.shim_admin_port,
+        lifespan="off",
+        access_log=False,
+        limit_concurrency=64,
+    )
+    return AdminServer(config)
+
+
+async def serve(public: uvicorn.Server, admin: uvicorn.Server) -> None:
+    """Serve both listeners until the public one stops (SIGTERM, SIGINT)."""
+    admin_task = asyncio.create_task(admin.serve(), name="rtcbus-shim-admin")
+    try:
+        await public.serve()
+    finally:
+        admin.should_exit = True
+        await admin_task
+
+
 def run_shim(settings: Settings) -> None:
     """Serve the shim until SIGINT/SIGTERM, then shut down gracefully."""
-    shim_server(settings).run()
+    app = create_app(settings)
+    asyncio.run(serve(shim_server(settings, app), admin_server(settings, app)))
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+def _with_head_timeout(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection that sends no complete request head in
+    ``timeout_s``. uvicorn bounds idle keep-alive connections but not a slow first request
+    head (slowloris), and no option of its own does; this is the smallest addition that does."""
+
+    class HeadTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(timeout_s, self._head_timed_out)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _head_timed_out(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadTimeoutProtocol
+
+
+async def _read_limited(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTooSlow from None
     return b"".join(chunks)
-
-
-def _headers(envelope: Envelope, received_ms: int) -> list[tuple[str, bytes]]:
-    return [
-        (HEADER_EVENT_TYPE, envelope.event_type.encode()),
-        (HEADER_EVENT_ID, envelope.event_id.encode()),
-        (HEADER_APP_ID, envelope.app_id.encode()),
-        (HEADER_VERSION, envelope.version.encode()),
-        (HEADER_RECEIVED_AT, str(received_ms).encode()),
-    ]
 
 
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:

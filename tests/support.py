@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import fastavro
@@ -48,13 +49,14 @@ def callback(
     *,
     event_id: str | None = None,
     version: str = "2020-12-01",
-    event_time: str = "2024-05-01T12:00:00+08:00",
+    event_time: str | None = None,
 ) -> bytes:
-    """A signed callback body, as the vendor would send it."""
+    """A signed callback body, as the vendor would send it: EventTime is now unless given
+    (the shim refuses an EventTime further from its clock than ``signature_skew_s``)."""
     fields = {
         "EventType": event_type,
         "EventData": event_data if isinstance(event_data, str) else json.dumps(event_data),
-        "EventTime": event_time,
+        "EventTime": event_time or datetime.now().astimezone().isoformat(timespec="seconds"),
         "EventId": event_id or uuid.uuid4().hex,
         "AppId": "app-test",
         "Version": version,
@@ -114,6 +116,10 @@ class Stack:
             "RTCBUS_SECRETS": self.secret,
             "RTCBUS_PARTITIONS": str(partitions),
             "RTCBUS_SHIM_PORT": str(self.shim_port),
+            "RTCBUS_SHIM_ADMIN_PORT": str(free_ports(1)),
+            # A spool of the stack's own: entries carry no topic, so a spool another stack
+            # left behind would be forwarded to this stack's raw topic.
+            "RTCBUS_SPOOL_DIR": str(workdir / "spool"),
             "RTCBUS_COMMIT_INTERVAL_MS": "100",
             **{f"RTCBUS_{key.upper()}": value for key, value in settings.items()},
         }
@@ -138,12 +144,15 @@ class Stack:
     def dlq_topic(self) -> str:
         return f"{self.prefix}.callbacks.dlq"
 
-    def start_shim(self) -> RtcbusProcess:
-        shim = self._spawn(["shim"], "shim")
+    def start_shim(self, **env: str) -> RtcbusProcess:
+        """A shim; ``env`` adds or overrides ``RTCBUS_*`` variables for it (another
+        ``RTCBUS_SHIM_PORT``, ``RTCBUS_SPOOL_DIR``...)."""
+        shim = self._spawn(["shim"], "shim", **env)
+        port = int(env.get("RTCBUS_SHIM_PORT", self.shim_port))
 
         def healthy() -> bool:
             shim.assert_running()
-            return self._healthy()
+            return self._healthy(port)
 
         wait_for(healthy, 60, "the shim to answer /healthz")
         return shim
@@ -169,9 +178,9 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def _healthy(self) -> bool:
+    def _healthy(self, port: int) -> bool:
         try:
-            return httpx.get(self.url.replace("/callbacks", "/healthz"), timeout=1).status_code == 200
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 

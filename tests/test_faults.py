@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fault_support import (
     CONSUMER_OFFSETS_TOPIC,
@@ -44,6 +47,7 @@ from fault_support import (
     wait_caught_up,
     wait_routed,
 )
+from kafka_helpers import free_ports
 from support import Stack, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka]
@@ -461,3 +465,109 @@ def test_10_poison_records_cost_one_dead_letter_each(case: Case):
     for room_number, points in poison.items():
         room = workload.room_names[room_number]
         assert any(r == room and s > max(points) for r, s in ledger), f"{room} stopped at its poison"
+
+
+# -- the shim's spool: Kafka away longer than the sender's patience ---------------------------------
+
+SPOOL_OUTAGE_S = 60.0  # the whole cluster down: 4 times the vendor's 3 tries of 5 s
+
+
+def _stop_cluster(cluster: Cluster) -> None:
+    for node_id in cluster.node_ids:
+        cluster.graceful_stop(node_id)
+
+
+def _shim_metrics(stack: Stack, admin_port: str | None = None) -> dict[str, float]:
+    port = admin_port or stack.env["RTCBUS_SHIM_ADMIN_PORT"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        sample.name + "".join(f"{{{v}}}" for v in sample.labels.values()): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _spool_drained(stack: Stack, admin_port: str | None = None) -> bool:
+    return _shim_metrics(stack, admin_port)["rtcbus_shim_spool_depth"] == 0
+
+
+def test_11_whole_cluster_down_for_a_minute_every_callback_is_answered_200_and_arrives(case: Case):
+    cluster, stack, routers = case.cluster, case.stack, case.routers
+    stack.start_shim()
+    router = routers.start("0")
+    workload = Workload(stack).start()
+    wait_routed(stack, routers, 200, 60, "the router to route 200 records")
+    case.record.phase("start, until routing")
+    _stop_cluster(cluster)
+    outage_started = time.monotonic()
+    time.sleep(SPOOL_OUTAGE_S)  # the outage, with the workload running through it
+    case.record.phase("outage")
+    spooled = _shim_metrics(stack)["rtcbus_shim_stored_total{spool}"]
+    cluster.start()
+    cluster.wait_healthy()
+    case.record.phase("fault")
+    case.record.notes.append(
+        f"{spooled:.0f} callbacks answered 200 from the spool in {time.monotonic() - outage_started:.0f} s without Kafka"
+    )
+    assert workload.running, "Kafka must come back mid-stream"
+    workload.finish(min_total_s=30)
+    wait_for(lambda: _spool_drained(stack), 120, "the spool to drain")
+    case.record.phase("drain")
+    assert spooled > 500, f"only {spooled} callbacks went through the spool in a {SPOOL_OUTAGE_S:.0f} s outage"
+    # The vendor's view: not one callback failed its 3 tries.
+    failed = [(p.event_id, p.status) for p in workload.posted if p.status != 200]
+    assert failed == [], f"{len(failed)} callbacks were not answered 200: {failed[:10]}"
+    verify(case, workload, alive=[router])
+
+
+def test_12_shim_sigkilled_mid_outage_forwards_all_it_answered_and_a_replayed_spool_costs_nothing(case: Case):
+    cluster, stack, routers = case.cluster, case.stack, case.routers
+    shim = stack.start_shim()
+    router = routers.start("0")
+    workload = Workload(stack).start()
+    wait_routed(stack, routers, 200, 60, "the router to route 200 records")
+    case.record.phase("start, until routing")
+    _stop_cluster(cluster)
+    time.sleep(SPOOL_OUTAGE_S / 3)  # spooling, with the workload running
+    shim.kill()  # SIGKILL: nothing is flushed, the spool is all there is
+    # The spool as the kill left it: every entry in it is also about to be forwarded by the
+    # restarted shim, exactly the state of a crash between a delivery and its delete.
+    replay_dir = case.tmp / "spool-replay"
+    replay_dir.mkdir()
+    copied = _copy_spool(stack, replay_dir)
+    stack.start_shim()
+    time.sleep(SPOOL_OUTAGE_S / 3)  # more spooling, on the restarted shim
+    case.record.phase("outage, shim killed and restarted")
+    cluster.start()
+    cluster.wait_healthy()
+    case.record.phase("fault")
+    assert workload.running, "Kafka must come back mid-stream"
+    workload.finish(min_total_s=30)
+    wait_for(lambda: _spool_drained(stack), 120, "the spool to drain")
+    # A second shim forwards the copy of the killed shim's spool: all duplicates.
+    replay_admin = str(free_ports(1))
+    stack.start_shim(
+        RTCBUS_SPOOL_DIR=str(replay_dir),
+        RTCBUS_SHIM_PORT=str(free_ports(1)),
+        RTCBUS_SHIM_ADMIN_PORT=replay_admin,
+    )
+    wait_for(lambda: _spool_drained(stack, replay_admin), 60, "the copied spool to be forwarded")
+    forwarded_again = _shim_metrics(stack, replay_admin)["rtcbus_shim_spool_forwarded_total"]
+    case.record.phase("replayed spool")
+    case.record.notes.append(f"{copied} spooled entries forwarded twice")
+    assert copied > 100 and forwarded_again == copied, (copied, forwarded_again)
+    verify(case, workload, alive=[router])
+
+
+def _copy_spool(stack: Stack, target: Path) -> int:
+    """Copy the stack's spool with SQLite's backup API (consistent, WAL included); returns its
+    entry count."""
+    source = sqlite3.connect(Path(stack.env["RTCBUS_SPOOL_DIR"]) / "spool.db")
+    copy = sqlite3.connect(target / "spool.db")
+    try:
+        source.backup(copy)
+        (count,) = copy.execute("SELECT count(*) FROM entries").fetchone()
+    finally:
+        source.close()
+        copy.close()
+    return count

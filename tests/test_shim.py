@@ -1,5 +1,6 @@
 """The ingest shim against a real broker: what gets a 200 is on the raw topic byte for byte,
-what gets a 4xx is nowhere, and a broker that is gone or frozen gets 503s, not lost callbacks.
+what gets a 4xx is nowhere, and a broker that is gone or frozen costs no callback: with the
+spool (the default) it is spooled, without it the answer is 503.
 
 The shim runs in-process on uvicorn (a thread, a real socket); Kafka is never mocked.
 """
@@ -11,12 +12,14 @@ import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -25,11 +28,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.envelope import sign
+from consumer.errors import ConfigError
 from consumer.kafka.admin import TopicSpec, create_topics
 from consumer.kafka.config import consumer_config, producer_config
 from consumer.kafka.launcher import LocalKafka
 from consumer.settings import Settings, load_settings
-from consumer.shim import Shim, create_app, shim_server
+from consumer.shim import Shim, admin_server, create_app, serve, shim_server
 from kafka_helpers import free_ports
 from support import wait_for
 
@@ -46,7 +50,8 @@ def envelope(event_type: str = "UserJoinRoom", event_data: dict | str | None = N
     document = {
         "EventType": event_type,
         "EventData": data if isinstance(data, str) else json.dumps(data),
-        "EventTime": "2024-05-01T12:00:00+08:00",
+        # Now, as the vendor stamps it: the shim refuses an EventTime outside its skew window.
+        "EventTime": datetime.now(timezone(timedelta(hours=8))).isoformat(timespec="seconds"),
         "EventId": str(uuid.uuid4()),
         "AppId": "app-test",
         "Version": "2020-12-01",
@@ -100,6 +105,7 @@ def java_partition(key: bytes, partitions: int) -> int:
 @dataclass
 class RunningShim:
     url: str
+    admin_url: str
     shim: Shim
     server: object
     thread: threading.Thread
@@ -110,16 +116,19 @@ class RunningShim:
 
 @contextlib.contextmanager
 def running_shim(settings: Settings) -> Iterator[RunningShim]:
-    """The shim app on uvicorn in a thread, on a port the OS picks; stopped gracefully after."""
+    """The shim's two listeners on uvicorn in a thread, on ports the OS picks; stopped
+    gracefully after."""
     app = create_app(settings)
     server = shim_server(settings.model_copy(update={"shim_port": 0}), app)
-    thread = threading.Thread(target=server.run, name="test-shim", daemon=True)
+    admin = admin_server(settings.model_copy(update={"shim_admin_port": 0}), app)
+    thread = threading.Thread(target=lambda: asyncio.run(serve(server, admin)), name="test-shim", daemon=True)
     thread.start()
-    wait_for(lambda: server.started or not thread.is_alive(), 15, "the shim to start")
-    assert server.started, "the shim did not start"
+    wait_for(lambda: (server.started and admin.started) or not thread.is_alive(), 15, "the shim to start")
+    assert server.started and admin.started, "the shim did not start"
     port = server.servers[0].sockets[0].getsockname()[1]
+    admin_port = admin.servers[0].sockets[0].getsockname()[1]
     try:
-        yield RunningShim(f"http://127.0.0.1:{port}", app.state.shim, server, thread)
+        yield RunningShim(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", app.state.shim, server, thread)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -129,6 +138,7 @@ def running_shim(settings: Settings) -> Iterator[RunningShim]:
 def raw_topic_settings(settings_of: Callable[..., Settings], unique_name: Callable[[str], str],
                        partitions: int = 3, **overrides) -> Settings:
     """Settings with a topic prefix of their own, and that prefix's raw topic created."""
+    overrides.setdefault("spool_dir", tempfile.mkdtemp(prefix="rtcbus-spool-"))
     settings = settings_of(topic_prefix=unique_name("shim"), secrets=f"{SECRET},{OLD_SECRET}", **overrides)
     create_topics(settings, [TopicSpec(settings.raw_topic, partitions, 1, {})])
     return settings
@@ -172,7 +182,7 @@ def quiesced(shim: Shim) -> None:
 
 
 def in_flight(shim: RunningShim) -> float:
-    return metric_samples(httpx.get(f"{shim.url}/metrics").text)[("rtcbus_shim_in_flight", ())]
+    return metric_samples(httpx.get(f"{shim.admin_url}/metrics").text)[("rtcbus_shim_in_flight", ())]
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -257,8 +267,8 @@ def test_accepted_callbacks_are_on_the_raw_topic_byte_for_byte_keyed_and_headed(
 
 
 @pytest.mark.kafka
-def test_without_secrets_unsigned_callbacks_are_accepted(kafka, unique_name):
-    settings = raw_topic_settings(kafka.settings, unique_name).model_copy(update={"secrets": []})
+def test_unsigned_mode_accepts_unsigned_callbacks(kafka, unique_name):
+    settings = raw_topic_settings(kafka.settings, unique_name).model_copy(update={"secrets": [], "unsigned": True})
     body = body_of(envelope())
     with running_shim(settings) as shim:
         response = shim.post(body)
@@ -289,7 +299,7 @@ REFUSED = {
         400, "EventType", "EventType",
     ),
     "EventTime without offset": (
-        lambda: body_of(signed(envelope(EventTime="2024-05-01T12:00:00"))), 400, "EventTime", "EventTime",
+        lambda: body_of(signed(envelope(EventTime=datetime.now().isoformat(timespec="seconds")))), 400, "EventTime", "EventTime",
     ),
     "oversized": (_oversized, 413, "larger than", None),
 }
@@ -356,66 +366,98 @@ def test_record_larger_than_kafka_takes_is_413_not_a_retry(kafka, unique_name):
 def test_healthz_readyz_metrics(kafka, unique_name):
     settings = raw_topic_settings(kafka.settings, unique_name, partitions=3, max_body_bytes=MAX_BODY)
     with running_shim(settings) as shim:
-        assert httpx.get(f"{shim.url}/healthz").json() == {"status": "ok"}
-        ready = httpx.get(f"{shim.url}/readyz", timeout=10)
-        assert ready.status_code == 200, ready.text
-        assert ready.json() == {"status": "ready", "topic": settings.raw_topic, "partitions": 3}
+        for url in (shim.url, shim.admin_url):
+            assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+            ready = httpx.get(f"{url}/readyz", timeout=10)
+            assert ready.status_code == 200, ready.text
+            body = ready.json()
+            assert (body["status"], body["topic"], body["partitions"], body["kafka"]) == (
+                "ready", settings.raw_topic, 3, "ok",
+            )
+            assert body["spool"]["state"] == "idle" and body["spool"]["depth"] == 0
 
         assert shim.post(body_of(signed(envelope()))).status_code == 200
-        assert shim.post(body_of(signed(envelope()))).status_code == 200
+        assert shim.post(body_of(signed(envelope()))).json()["stored"] == "kafka"
         assert shim.post(body_of(signed(envelope(), "wrong"))).status_code == 401
         assert shim.post(b"{").status_code == 400
         assert shim.post(_oversized()).status_code == 413
-        response = httpx.get(f"{shim.url}/metrics")
+        # The public listener has no metrics and no description: those are the admin's.
+        assert httpx.get(f"{shim.url}/metrics").status_code == 404
+        assert httpx.get(f"{shim.url}/openapi.json").status_code == 404
+        response = httpx.get(f"{shim.admin_url}/metrics")
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/plain")
         samples = metric_samples(response.text)
     for status, count in {"200": 2, "401": 1, "400": 1, "413": 1}.items():
         assert samples[("rtcbus_shim_requests_total", (("status", status),))] == count
+    for reason, count in {"signature": 1, "invalid": 1, "too_large": 1}.items():
+        assert samples[("rtcbus_shim_refused_total", (("reason", reason),))] == count
+    assert samples[("rtcbus_shim_signature_failures_total", ())] == 1
+    assert samples[("rtcbus_shim_stored_total", (("via", "kafka"),))] == 2
     assert samples[("rtcbus_shim_produce_seconds_count", ())] == 2
     assert 0 < samples[("rtcbus_shim_produce_seconds_sum", ())] < 2 * settings.ack_timeout_s
     assert samples[("rtcbus_shim_in_flight", ())] == 0
+    assert samples[("rtcbus_shim_spool_depth", ())] == 0
+    assert samples[("rtcbus_shim_spool_available", ())] == 1
+    assert samples[("rtcbus_shim_spooling", ())] == 0
     assert SECRET not in response.text
 
 
 @pytest.mark.kafka
-def test_readyz_is_503_without_the_raw_topic(kafka, unique_name):
-    settings = kafka.settings(topic_prefix=unique_name("shim-no-topic"))
+def test_readyz_is_503_without_the_raw_topic_and_without_a_spool(kafka, unique_name):
+    settings = kafka.settings(topic_prefix=unique_name("shim-no-topic"), secrets=SECRET, spool=False)
     with running_shim(settings) as shim:
         response = httpx.get(f"{shim.url}/readyz", timeout=10)
         assert response.status_code == 503
         assert settings.raw_topic in response.json()["error"]
+        assert response.json()["spool"] == {"state": "unavailable", "reason": "the spool is off"}
         assert httpx.get(f"{shim.url}/healthz").status_code == 200
 
 
 @pytest.mark.kafka
 def test_two_apps_in_one_process_keep_their_own_metrics(kafka, unique_name):
     first = raw_topic_settings(kafka.settings, unique_name)
-    with running_shim(first) as one, running_shim(first) as two:
+    second = first.model_copy(update={"spool_dir": Path(tempfile.mkdtemp(prefix="rtcbus-spool-"))})
+    with running_shim(first) as one, running_shim(second) as two:
         assert one.post(body_of(signed(envelope()))).status_code == 200
-        text = httpx.get(f"{two.url}/metrics").text
+        text = httpx.get(f"{two.admin_url}/metrics").text
     assert metric_samples(text).get(("rtcbus_shim_requests_total", (("status", "200"),))) is None
 
 
 @pytest.mark.kafka
+def test_two_shims_cannot_share_a_spool_directory(kafka, unique_name):
+    settings = raw_topic_settings(kafka.settings, unique_name)
+    with running_shim(settings):
+        app = create_app(settings)
+
+        async def start_second() -> None:
+            async with app.router.lifespan_context(app):
+                pass
+
+        with pytest.raises(ConfigError, match="one shim per spool directory"):
+            asyncio.run(start_second())
+
+
+@pytest.mark.kafka
 def test_openapi_describes_the_callback_endpoint(kafka):
-    app = create_app(kafka.settings())
+    app = create_app(kafka.settings(secrets=SECRET))
 
     async def fetch() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)  # no lifespan needed: nothing is produced
+        transport = httpx.ASGITransport(app=app.state.admin)  # no lifespan needed: nothing is produced
         async with httpx.AsyncClient(transport=transport, base_url="http://shim") as client:
             return await client.get("/openapi.json")
 
     response = asyncio.run(fetch())
     assert response.status_code == 200
     schema = response.json()
+    assert schema == json.loads(json.dumps(app.state.shim.openapi_document()))
     assert schema["openapi"].startswith("3.")
     post = schema["paths"]["/callbacks"]["post"]
-    assert set(post["responses"]) == {"200", "400", "401", "413", "503"}
+    assert set(post["responses"]) == {"200", "400", "401", "408", "413", "503"}
     body_schema = post["requestBody"]["content"]["application/json"]["schema"]
     assert set(body_schema["required"]) == {"EventType", "EventData", "EventTime", "EventId", "AppId", "Version"}
     assert {"get"} == set(schema["paths"]["/readyz"]) == set(schema["paths"]["/healthz"])
-    assert "/metrics" in schema["paths"]
+    assert "/metrics" not in schema["paths"], "the public listener serves no metrics"
 
 
 # -- a broker of its own: stopped, restarted, frozen -------------------------------------------------
@@ -460,11 +502,12 @@ def broker_restarted_after(own_kafka: OwnKafka) -> Iterator[None]:
 
 
 @pytest.mark.kafka
-def test_kafka_down_gets_503_in_time_and_every_200_survives_the_restart(own_kafka, unique_name):
+def test_without_a_spool_kafka_down_gets_503_in_time_and_every_200_survives_the_restart(own_kafka, unique_name):
     ack_timeout = 1.5
     settings = raw_topic_settings(
         own_kafka.settings, unique_name,
         ack_timeout_s=ack_timeout,
+        spool=False,
         # A tiny local queue, so that a full queue (the fast 503) is reached in a few requests.
         kafka_config={"queue.buffering.max.messages": "2"},
     )
@@ -507,7 +550,8 @@ def test_kafka_down_gets_503_in_time_and_every_200_survives_the_restart(own_kafk
 
 @pytest.mark.kafka
 def test_shutdown_stops_accepting_waits_for_in_flight_and_flushes(own_kafka, unique_name):
-    settings = raw_topic_settings(own_kafka.settings, unique_name, ack_timeout_s=4.5)
+    # Spooling only just before the deadline: the requests are still in flight at shutdown.
+    settings = raw_topic_settings(own_kafka.settings, unique_name, ack_timeout_s=4.5, spool_after_s=4.0)
     bodies = [body_of(signed(envelope(event_data={"RoomId": f"room-{n}"}))) for n in range(5)]
     frozen = False
     with running_shim(settings) as shim, ThreadPoolExecutor(len(bodies)) as pool:
@@ -544,8 +588,9 @@ def test_shutdown_stops_accepting_waits_for_in_flight_and_flushes(own_kafka, uni
 
 @pytest.mark.kafka
 def test_shutdown_flushes_records_still_queued(own_kafka, unique_name):
-    # A callback answered 503 stays queued in the producer; shutdown must deliver it, not drop it.
-    settings = raw_topic_settings(own_kafka.settings, unique_name, ack_timeout_s=1.0)
+    # Without a spool, a callback answered 503 stays queued in the producer; shutdown must
+    # deliver it, not drop it.
+    settings = raw_topic_settings(own_kafka.settings, unique_name, ack_timeout_s=1.0, spool=False)
     late = body_of(signed(envelope()))
     with running_shim(settings) as shim:
         assert shim.post(body_of(signed(envelope()))).status_code == 200
@@ -571,7 +616,7 @@ def poll_threads() -> list[threading.Thread]:
 
 @pytest.mark.kafka
 def test_declared_oversized_body_is_refused_before_reading_it(kafka):
-    app = create_app(kafka.settings(max_body_bytes=MAX_BODY))
+    app = create_app(kafka.settings(max_body_bytes=MAX_BODY, secrets=SECRET))
     reads = 0
     sent: list[dict] = []
 
