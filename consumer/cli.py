@@ -265,11 +265,43 @@ def up(
 
 def shim(
     ctx: typer.Context,
-    shim_host: Annotated[str | None, typer.Option(help="Address to listen on (env RTCBUS_SHIM_HOST); default 127.0.0.1.")] = None,
-    shim_port: Annotated[int | None, typer.Option(help="Port to listen on (env RTCBUS_SHIM_PORT); default 8080.")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", "--shim-host", help="Address to listen on (env RTCBUS_SHIM_HOST); default 127.0.0.1."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", "--shim-port", help="Port to listen on (env RTCBUS_SHIM_PORT); default 8080."),
+    ] = None,
+    admin_port: Annotated[
+        int | None,
+        typer.Option(help="Port of /metrics and /openapi.json (env RTCBUS_SHIM_ADMIN_PORT); default 9109."),
+    ] = None,
     secrets: Annotated[
         str | None,
-        typer.Option(help="Callback secrets, comma-separated (env RTCBUS_SECRETS); none: signatures are not checked."),
+        typer.Option(
+            help="Callback secrets, comma-separated, any of them accepted (env RTCBUS_SECRETS); "
+            "required unless --unsigned or RTCBUS_APP_SECRETS."
+        ),
+    ] = None,
+    unsigned: Annotated[
+        bool | None,
+        typer.Option(
+            "--unsigned",
+            help="Check no signatures: anyone who reaches the shim can write callbacks "
+            "(env RTCBUS_UNSIGNED); not with secrets.",
+        ),
+    ] = None,
+    spool_dir: Annotated[
+        Path | None,
+        typer.Option(help="The spool's directory (env RTCBUS_SPOOL_DIR); default <home>/spool."),
+    ] = None,
+    spool: Annotated[
+        bool | None,
+        typer.Option(
+            "--spool/--no-spool",
+            help="Spool callbacks Kafka cannot take in time, or answer 503 (env RTCBUS_SPOOL); default on.",
+        ),
     ] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help="Larger bodies get 413 (env RTCBUS_MAX_BODY_BYTES).")] = None,
     ack_timeout_s: Annotated[
@@ -282,9 +314,13 @@ def shim(
     run_shim(
         _settings(
             ctx,
-            shim_host=shim_host,
-            shim_port=shim_port,
+            shim_host=host,
+            shim_port=port,
+            shim_admin_port=admin_port,
             secrets=secrets,
+            unsigned=unsigned,
+            spool_dir=spool_dir,
+            spool=spool,
             max_body_bytes=max_body_bytes,
             ack_timeout_s=ack_timeout_s,
         )

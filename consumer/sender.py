@@ -95,14 +95,22 @@ def build_callback(
     secret: str | None = None,
     event_id: str | None = None,
     event_time: datetime | None = None,
+    event_data_as_object: bool = False,
 ) -> Callback:
     """Build one callback envelope as the vendor does, EventData as a JSON string.
 
-    Unsigned (no ``Signature``) when no secret is given: a shim without secrets accepts it.
+    EventTime is now unless given: the shim refuses an EventTime further from its clock than
+    its skew window. Unsigned (no ``Signature``) when no secret is given: only a shim run
+    ``--unsigned`` accepts it.
+
+    Args:
+        event_data_as_object: send EventData as a JSON object instead, as some senders do;
+            the signature then covers the object's JSON text exactly as written in the body.
     """
+    data_text = json.dumps(event_data, separators=(",", ":"), ensure_ascii=False)
     envelope = {
         "EventType": event_type,
-        "EventData": json.dumps(event_data, separators=(",", ":"), ensure_ascii=False),
+        "EventData": data_text,
         "EventTime": (event_time or datetime.now().astimezone()).isoformat(timespec="seconds"),
         "EventId": event_id or str(uuid.uuid4()),
         "AppId": app_id,
@@ -111,8 +119,13 @@ def build_callback(
     }
     if secret is not None:
         envelope["Signature"] = sign(envelope.values(), secret)
-    body = json.dumps(envelope, ensure_ascii=False).encode()
-    return Callback(envelope["EventId"], event_type, body)
+    # Each member's JSON text written out, so an object-form EventData is in the body
+    # exactly as it was signed.
+    members = {name: json.dumps(value, ensure_ascii=False) for name, value in envelope.items()}
+    if event_data_as_object:
+        members["EventData"] = data_text
+    body = "{" + ", ".join(f'"{name}": {text}' for name, text in members.items()) + "}"
+    return Callback(envelope["EventId"], event_type, body.encode())
 
 
 def example_callbacks(

@@ -19,27 +19,40 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from consumer.envelope import SignatureVerifier
 from consumer.kafka.admin import ensure_topics
 from consumer.kafka.launcher import LocalKafka
 from consumer.settings import Settings
 
 
 def up(settings: Settings, echo: Callable[[str], None]) -> int:
-    """Bring everything up and block until a signal or a child's death; returns an exit code."""
+    """Bring everything up and block until a signal or a child's death; returns an exit code.
+
+    Without secrets (and without ``unsigned``) it generates one, so the shim it runs always
+    checks signatures unless told not to.
+
+    Raises:
+        ConfigError: the signature settings contradict each other (checked before anything
+            is started).
+    """
+    settings = with_secret(settings)
+    SignatureVerifier.from_settings(settings)  # the shim child would refuse them; fail here
     kafka = None
     if not settings.bootstrap_servers:
         kafka = LocalKafka(settings)
         settings = settings.model_copy(update={"bootstrap_servers": kafka.start()})
-    if not settings.secrets:
-        generated = secrets.token_urlsafe(24)
-        settings = settings.model_copy(update={"secrets": [SecretStr(generated)]})
     ensure_topics(settings)
 
     # Shown once, on the operator's own terminal, because the sender must be configured with it.
     echo(f"Kafka:        {settings.bootstrap_servers}")
     echo(f"Callback URL: http://{settings.shim_host}:{settings.shim_port}/callbacks")
-    echo(f"Secret:       {settings.secrets[0].get_secret_value()}")
-    echo(f"Metrics:      shim http://{settings.shim_host}:{settings.shim_port}/metrics, "
+    if settings.unsigned:
+        echo("Secret:       none: RTCBUS_UNSIGNED is set, callbacks are NOT authenticated")
+    elif settings.secrets:
+        echo(f"Secret:       {settings.secrets[0].get_secret_value()}")
+    else:
+        echo("Secret:       per AppId, from RTCBUS_APP_SECRETS")
+    echo(f"Metrics:      shim http://{settings.shim_admin_host}:{settings.shim_admin_port}/metrics, "
          f"router http://127.0.0.1:{settings.metrics_port}/metrics")
     echo("Ctrl-C stops everything.")
 
@@ -75,11 +88,21 @@ def up(settings: Settings, echo: Callable[[str], None]) -> int:
     return 0 if stop.is_set() and all(code in clean for code in codes) else 1
 
 
+def with_secret(settings: Settings) -> Settings:
+    """``settings``, with a generated callback secret if none is configured and signatures
+    are not explicitly off (``unsigned``)."""
+    if settings.unsigned or settings.secrets or settings.app_secrets:
+        return settings
+    return settings.model_copy(update={"secrets": [SecretStr(secrets.token_urlsafe(24))]})
+
+
 def _child_env(settings: Settings) -> dict[str, str]:
     """The settings the children need, as the ``RTCBUS_*`` variables they read."""
     values: dict[str, Any] = {
         "BOOTSTRAP_SERVERS": settings.bootstrap_servers,
         "SECRETS": ",".join(s.get_secret_value() for s in settings.secrets),
+        "UNSIGNED": settings.unsigned,
+        "SIGNATURE_SKEW_S": settings.signature_skew_s,
         "TOPIC_PREFIX": settings.topic_prefix,
         "SHIM_HOST": settings.shim_host,
         "SHIM_PORT": settings.shim_port,

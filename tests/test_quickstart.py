@@ -10,12 +10,33 @@ import uuid
 
 import pytest
 
+from consumer.errors import ConfigError
+from consumer.settings import load_settings
+from consumer.stack import up, with_secret
 from kafka_helpers import free_ports
 from support import RTCBUS, RtcbusProcess, wait_for
 
-pytestmark = pytest.mark.kafka
+
+def test_up_generates_a_secret_only_when_none_is_configured_and_signatures_are_on():
+    generated = with_secret(load_settings())
+    assert len(generated.secrets) == 1 and len(generated.secrets[0].get_secret_value()) >= 32
+    assert with_secret(load_settings()).secrets[0] != generated.secrets[0]
+    configured = load_settings(secrets="mine")
+    assert with_secret(configured) is configured
+    per_app = load_settings(app_secrets={"app-a": "theirs"})
+    assert with_secret(per_app).secrets == []  # no shared secret the operator did not ask for
+    unsigned = load_settings(unsigned=True)
+    assert with_secret(unsigned).secrets == []
 
 
+def test_up_refuses_contradicting_signature_settings_before_starting_anything(tmp_path):
+    lines = []
+    with pytest.raises(ConfigError, match="unsigned is set together with callback secrets"):
+        up(load_settings(unsigned=True, secrets="mine", home=tmp_path), lines.append)
+    assert lines == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.kafka
 def test_up_send_examples_then_tail_shows_the_45_decoded_records(kafka, tmp_path):
     port = free_ports(1)
     env = {

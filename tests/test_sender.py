@@ -53,6 +53,28 @@ def test_without_a_secret_callbacks_are_unsigned():
     assert "Signature" not in document
 
 
+def test_event_data_as_an_object_is_signed_as_written():
+    data = {"RoomId": "r1", "UserId": "\u5f20", "Timestamp": 3}
+    callback = build_callback("UserJoinRoom", data, secret="k1", event_data_as_object=True)
+    document = json.loads(callback.body)
+    assert document["EventData"] == data
+    envelope = parse_envelope(callback.body)
+    SignatureVerifier(["k1"]).verify(envelope, now_ms=time.time_ns() // 1_000_000)
+    assert envelope.key() == "r1"
+
+
+def test_callbacks_carry_the_time_they_are_built_so_a_shim_with_the_default_window_takes_them():
+    # The page's examples have no EventTime of their own (the relay envelope's 2021 one is
+    # dropped): each callback is stamped when it is built, as the vendor stamps the event.
+    verifier = SignatureVerifier(["k"])
+    now_ms = time.time_ns() // 1_000_000
+    for callback in [*example_callbacks(EXAMPLES, secret="k"), *load_callbacks(EXAMPLES, 20, secret="k")]:
+        verifier.verify(parse_envelope(callback.body), now_ms=now_ms)
+    fixed = build_callback("RoomCreate", {"RoomId": "r"}, secret="k", event_time=datetime.fromisoformat("2021-01-27T16:40:12+08:00"))
+    with pytest.raises(SignatureError, match="skew window"):
+        verifier.verify(parse_envelope(fixed.body), now_ms=now_ms)
+
+
 def test_signing_secret_prefers_the_apps_own():
     settings = load_settings(secrets="shared1,shared2", app_secrets={"app-a": "own1,own2"})
     assert signing_secret(settings, "app-a") == "own1"
