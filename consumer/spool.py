@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 SPOOL_FILE = "spool.db"
 LOCK_FILE = "spool.lock"
+# Disk space held back in a file of its own: on a full disk even a DELETE needs room in the
+# WAL, so the forwarder frees this to go on deleting what it has delivered.
+RESERVE_FILE = "spool.reserve"
+RESERVE_BYTES = 1024 * 1024
 # Appends committed together at most; more wait for the next commit.
 MAX_GROUP = 2048
 _FORMAT_VERSION = 1
@@ -118,6 +122,7 @@ class Spool:
         self.directory = directory
         self.max_bytes = max_bytes
         self.recovered_from: Path | None = None
+        self.commits = 0  # group commits so far (each one fsync)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._lock = open(directory / LOCK_FILE, "a+b")  # noqa: SIM115 - held while open
@@ -138,6 +143,7 @@ class Spool:
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
             raise SpoolUnavailable(f"cannot open the spool in {directory}: {exc}") from exc
+        self._reserve()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="rtcbus-spool", daemon=True)
@@ -268,6 +274,7 @@ class Spool:
             for job in group:
                 job.fail(error)
             return
+        self.commits += 1
         for job in group:
             job.succeed(None)
 
@@ -303,11 +310,40 @@ class Spool:
             self._db.executemany("DELETE FROM entries WHERE seq = ?", [(seq,) for seq in seqs])
 
     def _delete(self, seqs: list[int]) -> None:
+        try:
+            self._delete_now(seqs)
+        except sqlite3.OperationalError as exc:
+            reserve = self.directory / RESERVE_FILE
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL or not reserve.exists():
+                raise
+            log.error("spool: the disk is full; freeing the reserve to go on deleting delivered entries")
+            reserve.unlink()
+            self._delete_now(seqs)
+
+    def _delete_now(self, seqs: list[int]) -> None:
         with self._db:
             self._db.executemany("DELETE FROM entries WHERE seq = ?", [(seq,) for seq in seqs])
 
     def _compact(self, _: None) -> None:
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError as exc:  # best effort: the space comes back later
+            log.warning("spool: could not shrink the WAL now: %s", _describe(exc))
+            return
+        self._reserve()
+
+    def _reserve(self) -> None:
+        reserve = self.directory / RESERVE_FILE
+        if reserve.exists():
+            return
+        try:
+            with reserve.open("wb") as file:
+                file.truncate(0)
+                file.write(b"\0" * RESERVE_BYTES)  # written, not sparse: the blocks are taken
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError:
+            reserve.unlink(missing_ok=True)  # no room for it now; taken again after a drain
 
     _handlers: dict[str, Callable[[Spool, Any], Any]] = {
         "read": _read, "delete": _delete, "set_aside": _move_aside, "compact": _compact,
