@@ -295,7 +295,7 @@ class RedriveSummary:
 
 
 @dataclass(frozen=True)
-class _Recheck:
+class Recheck:
     """One quarantined record, checked again: forward it (``key`` and ``headers``), or why not."""
 
     event_id: str | None
@@ -305,7 +305,7 @@ class _Recheck:
     unparseable: bool = False
 
 
-def recheck(message: Message, verifier: SignatureVerifier) -> _Recheck:
+def recheck(message: Message, verifier: SignatureVerifier) -> Recheck:
     """Verify a quarantined record again, EventTime against when it was first received.
 
     Total: returns a verdict for every record, never raises.
@@ -316,14 +316,14 @@ def recheck(message: Message, verifier: SignatureVerifier) -> _Recheck:
     try:
         envelope = parse_envelope(message.value() or b"")
     except CallbackError as exc:
-        return _Recheck(event_id, failure=exc.message, unparseable=True)
+        return Recheck(event_id, failure=exc.message, unparseable=True)
     except Exception as exc:  # total: a body nobody foresaw is reported, not fatal
-        return _Recheck(event_id, failure=f"{type(exc).__name__}", unparseable=True)
+        return Recheck(event_id, failure=f"{type(exc).__name__}", unparseable=True)
     try:
         verifier.verify(envelope, now_ms=received_ms)
     except CallbackError as exc:
-        return _Recheck(envelope.event_id, failure=exc.message)
-    return _Recheck(envelope.event_id, key=envelope.key(), headers=raw_headers(envelope, received_ms))
+        return Recheck(envelope.event_id, failure=exc.message)
+    return Recheck(envelope.event_id, key=envelope.key(), headers=raw_headers(envelope, received_ms))
 
 
 def redrive(
@@ -347,7 +347,9 @@ def redrive(
 
     Args:
         dry_run: check and report, write and commit nothing.
-        report: called with one line per record that does not pass, and per transaction.
+        report: called with one line per record that does not pass (its EventId and reason),
+            once the transaction that passed over it has committed.
+        batch_size: records per transaction.
 
     Raises:
         ConfigError: no secret is configured (everything would pass unchecked).

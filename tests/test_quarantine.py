@@ -202,7 +202,7 @@ def test_redrive_after_a_rotation_forwards_what_passes_now_exactly_once(kafka, u
     fixed = _with_secrets(kafka, old, f"{SECRET_A},{SECRET_B}")
     lines: list[str] = []
 
-    first = redrive(fixed, report=lines.append)
+    first = redrive(fixed, report=lines.append, batch_size=2)  # two transactions
     second = redrive(fixed, report=lines.append)
 
     assert (first.forwarded, dict(first.still_failing), first.unparseable) == (3, {"Signature does not match": 1}, 0)
