@@ -430,9 +430,9 @@ def quarantine_redrive(
 ) -> None:
     """Forward quarantined callbacks that pass the signature check now to raw, exactly once.
 
-    Run it after fixing a secret. Records that still fail are listed and passed over. Exit
-    status 0 once every record that passes is forwarded (those still failing are reported,
-    not an error); 1 when Kafka or the settings fail.
+    Run it after fixing a secret. Records that still fail are listed and passed over.
+
+    Exit status 0 once every record that passes is forwarded, 1 when Kafka or the settings fail.
     """
     from consumer import quarantine
 
