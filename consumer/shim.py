@@ -42,6 +42,7 @@ from consumer.envelope import SignatureVerifier, parse_envelope, raw_headers
 from consumer.errors import CallbackError, SignatureError
 from consumer.ingest import Ingest, IngestCounters, NotStored, Stored
 from consumer.kafka.config import producer_config
+from consumer.quarantine import QuarantineWriter
 from consumer.settings import Settings
 from consumer.spool import Spool, SpoolRecord
 
@@ -326,6 +327,7 @@ class Shim:
         ingest: Ingest,
         metrics: ShimMetrics,
         verifier: SignatureVerifier,
+        quarantine: QuarantineWriter | None = None,
     ) -> None:
         self.topic = settings.raw_topic
         self.max_body_bytes = settings.max_body_bytes
@@ -335,6 +337,7 @@ class Shim:
         self.ingest = ingest
         self.metrics = metrics
         self.verifier = verifier
+        self.quarantine = quarantine
         self.schemas = SchemaGenerator(OPENAPI_BASE)
         self.public_routes: list[Route] = []
         self._in_flight = 0
@@ -381,7 +384,9 @@ class Shim:
                     stored: {type: string, enum: [kafka, spool]}
           400: {description: 'Not JSON, or an envelope field missing or malformed. Body: {"error": ...}'}
           401: {description: 'Signature matches no configured secret, or EventTime is outside the
-            accepted window. Body: {"error": ...}'}
+            accepted window. The body is kept in the quarantine topic (within caps), never
+            routed; `rtcbus quarantine redrive` forwards it once the secret is fixed. Body:
+            {"error": ...}'}
           408: {description: 'The body did not arrive in time. Body: {"error": ...}'}
           413: {description: 'Body larger than the limit. Body: {"error": ...}'}
           503: {description: 'Neither Kafka nor the spool took it in time (or too many requests
@@ -416,6 +421,11 @@ class Shim:
             self.verifier.verify(envelope, now_ms=received_ms)
         except SignatureError as exc:
             self.metrics.signature_failures.inc()
+            if self.quarantine is not None:
+                # Kept (within caps), never routed: a wrong secret in our config must not
+                # cost the events the vendor drops after its 3 tries.
+                client = request.client.host if request.client else None
+                self.quarantine.offer(body, exc.message, received_ms, client)
             return self._refuse(401, "signature", str(exc), exc.field)
         except CallbackError as exc:
             return self._refuse(400, "invalid", str(exc), exc.field)
@@ -576,7 +586,15 @@ def create_app(
         counters=metrics.counters(),
     )
     metrics.watch(ingest)
-    shim = Shim(settings, bridge=bridge, ingest=ingest, metrics=metrics, verifier=verifier)
+    quarantine = (
+        QuarantineWriter.from_settings(settings, bridge.producer, metrics.registry)
+        if settings.quarantine and verifier.enabled
+        else None
+    )
+    shim = Shim(
+        settings, bridge=bridge, ingest=ingest, metrics=metrics, verifier=verifier,
+        quarantine=quarantine,
+    )
     shim.public_routes = [
         Route("/callbacks", shim.receive_callback, methods=["POST"]),
         Route("/healthz", shim.healthz, methods=["GET"]),

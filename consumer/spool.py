@@ -164,7 +164,7 @@ class Spool:
         """
         size = record.size
         if self.bytes + size > self.max_bytes:
-            raise SpoolFull(f"the spool holds {self.bytes} bytes, its limit is {self.max_bytes}")
+            raise SpoolFull(f"the spool is full ({self.bytes} of {self.max_bytes} bytes)")
         self.depth += 1
         self.bytes += size
         if self.oldest_ms is None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -34,6 +35,7 @@ from consumer.kafka.config import consumer_config, producer_config
 from consumer.kafka.launcher import LocalKafka
 from consumer.settings import Settings, load_settings
 from consumer.shim import Shim, admin_server, create_app, serve, shim_server
+from consumer.spool import Spool, SpoolRecord
 from kafka_helpers import free_ports
 from support import wait_for
 
@@ -638,3 +640,148 @@ def test_declared_oversized_body_is_refused_before_reading_it(kafka):
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
     assert json.loads(sent[1]["body"]) == {"error": f"body is larger than {MAX_BODY} bytes"}
     assert reads == 0, "the body was read although Content-Length already exceeded the limit"
+
+
+# -- the spool: Kafka away, the spool full, unwritable or damaged ------------------------------------
+
+
+def shim_metric(shim: RunningShim, name: str, **labels: str) -> float:
+    return metric_samples(httpx.get(f"{shim.admin_url}/metrics").text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.mark.kafka
+def test_kafka_down_callbacks_are_spooled_in_time_and_forwarded_in_order_when_it_returns(own_kafka, unique_name):
+    settings = raw_topic_settings(own_kafka.settings, unique_name, partitions=3, spool_after_s=0.5)
+    rooms = [f"room-{n}" for n in range(4)]
+    sent: list[bytes] = []
+    with running_shim(settings) as shim, broker_restarted_after(own_kafka):
+        first = body_of(signed(envelope(event_data={"RoomId": rooms[0], "Seq": -1})))
+        assert shim.post(first).json()["stored"] == "kafka"
+        sent.append(first)
+        own_kafka.local.stop()
+        slowest = 0.0
+        for seq in range(40):  # one room after another, so each room's order is the send order
+            body = body_of(signed(envelope(event_data={"RoomId": rooms[seq % 4], "Seq": seq})))
+            started = time.monotonic()
+            response = shim.post(body)
+            slowest = max(slowest, time.monotonic() - started)
+            assert response.status_code == 200, response.text
+            assert response.json()["stored"] == "spool"
+            sent.append(body)
+        assert slowest < settings.spool_after_s + 1.0, f"a spooled answer took {slowest:.2f} s"
+        ready = httpx.get(f"{shim.url}/readyz", timeout=10)
+        assert ready.status_code == 200, "a shim whose spool takes callbacks is ready"
+        assert ready.json()["kafka"].startswith("not reachable") and ready.json()["spool"]["state"] == "spooling"
+        assert ready.json()["spool"]["depth"] == 40
+        assert shim_metric(shim, "rtcbus_shim_spool_oldest_age_seconds") > 0
+
+        own_kafka.local.start()
+        wait_for(lambda: shim_metric(shim, "rtcbus_shim_spool_depth") == 0, 90, "the spool to drain")
+        assert shim_metric(shim, "rtcbus_shim_spool_forwarded_total") == 40
+        assert shim_metric(shim, "rtcbus_shim_stored_total", via="spool") == 40
+        after = body_of(signed(envelope(event_data={"RoomId": rooms[1], "Seq": 99})))
+        assert shim.post(after).json()["stored"] == "kafka", "drained: straight to Kafka again"
+        sent.append(after)
+        records = records_before_sentinels(settings, settings.raw_topic)
+    values = [record.value() for record in records]
+    assert set(sent) <= set(values), "a callback answered 200 is not on the raw topic"
+    assert set(values) <= set(sent), "something nobody sent is on the raw topic"
+    for room in rooms:  # first copies, per room, in the order they were answered
+        expected = [body for body in sent if json.loads(json.loads(body)["EventData"])["RoomId"] == room]
+        seen = list(dict.fromkeys(v for v in values if v in expected))
+        assert seen == expected, f"{room} out of order"
+
+
+@pytest.mark.kafka
+def test_a_full_spool_answers_503_never_200(own_kafka, unique_name):
+    settings = raw_topic_settings(
+        own_kafka.settings, unique_name, spool_after_s=0.3, spool_max_bytes=1024 * 1024,
+    )
+    with running_shim(settings) as shim, broker_restarted_after(own_kafka):
+        assert shim.post(body_of(signed(envelope()))).status_code == 200
+        own_kafka.local.stop()
+        answers = []
+        for n in range(20):  # ~100 kB each: the 1 MiB spool is full after 10
+            body = body_of(signed(envelope(event_data={"RoomId": "room-full", "Pad": "p" * 100_000, "N": n})))
+            answers.append(shim.post(body))
+        statuses = [answer.status_code for answer in answers]
+        first_refusal = statuses.index(503)
+        assert 5 <= first_refusal <= 11 and set(statuses[first_refusal:]) == {503}, statuses
+        assert "full" in answers[first_refusal].json()["error"]
+        assert shim_metric(shim, "rtcbus_shim_spool_refused_total", reason="full") == 20 - first_refusal
+        assert httpx.get(f"{shim.url}/healthz").status_code == 200, "a full spool is no reason to restart"
+        own_kafka.local.start()
+        wait_for(lambda: shim_metric(shim, "rtcbus_shim_spool_depth") == 0, 90, "the spool to drain")
+        values = {record.value() for record in records_before_sentinels(settings, settings.raw_topic)}
+    accepted = [answer.request.content for answer in answers if answer.status_code == 200]
+    refused = [answer.request.content for answer in answers if answer.status_code == 503]
+    assert set(accepted) <= values
+    assert not set(refused) & values, "a callback answered 503 from a full spool was stored anyway"
+
+
+@pytest.mark.kafka
+def test_an_unwritable_spool_answers_503_and_the_shim_keeps_serving(own_kafka, unique_name, tmp_path, caplog):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    settings = raw_topic_settings(own_kafka.settings, unique_name, spool_after_s=0.3, spool_dir=blocker / "spool")
+    with running_shim(settings) as shim, broker_restarted_after(own_kafka):
+        assert shim.post(body_of(signed(envelope()))).json()["stored"] == "kafka"
+        assert httpx.get(f"{shim.url}/healthz").status_code == 200, "no crash loop over a spool"
+        assert "cannot create the spool" in httpx.get(f"{shim.url}/readyz").json()["spool"]["reason"]
+        own_kafka.local.stop()
+        response = shim.post(body_of(signed(envelope())))
+        assert response.status_code == 503, response.text
+        assert "cannot create the spool" in response.json()["error"]
+        assert httpx.get(f"{shim.url}/readyz", timeout=10).status_code == 503
+        assert shim_metric(shim, "rtcbus_shim_spool_available") == 0
+    assert any("spool: unavailable" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
+@pytest.mark.kafka
+def test_a_damaged_spool_is_set_aside_at_start_and_its_intact_entries_forwarded(kafka, unique_name, tmp_path):
+    settings = raw_topic_settings(kafka.settings, unique_name, spool_dir=tmp_path / "spool")
+    bodies = [body_of(signed(envelope(event_data={"RoomId": f"room-{n % 5}", "Pad": "q" * 300}))) for n in range(1500)]
+
+    async def fill() -> None:  # what a shim killed mid-outage leaves
+        spool = Spool(settings.spool_path, settings.spool_max_bytes)
+        try:
+            await asyncio.gather(*(
+                spool.append(SpoolRecord(f"k{n}", body, (("rtcbus.event_id", b"x"),))) for n, body in enumerate(bodies)
+            ))
+        finally:
+            spool.close()
+
+    asyncio.run(fill())
+    db_path = settings.spool_path / "spool.db"
+    db = sqlite3.connect(db_path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    with db_path.open("r+b") as file:
+        file.seek(db_path.stat().st_size // 2 // 4096 * 4096)
+        file.write(os.urandom(4096))
+    with running_shim(settings) as shim:
+        assert shim.post(body_of(signed(envelope()))).status_code == 200, "serving, damaged spool or not"
+        wait_for(lambda: shim_metric(shim, "rtcbus_shim_spool_depth") == 0, 60, "the recovered spool to drain")
+        forwarded = shim_metric(shim, "rtcbus_shim_spool_forwarded_total")
+        values = {record.value() for record in records_before_sentinels(settings, settings.raw_topic)}
+    assert list(settings.spool_path.glob("spool.db.damaged-*")), "the damaged file was not kept"
+    on_topic = [body for body in bodies if body in values]
+    assert len(bodies) - 40 <= forwarded == len(on_topic) < len(bodies)
+
+
+@pytest.mark.kafka
+def test_a_body_that_fails_its_signature_is_quarantined_not_routed(kafka, unique_name):
+    settings = raw_topic_settings(kafka.settings, unique_name)
+    create_topics(settings, [TopicSpec(settings.quarantine_topic, 1, 1, {})])
+    wrong = body_of(signed(envelope(), "a-secret-we-do-not-have"))
+    with running_shim(settings) as shim:
+        assert shim.post(wrong).status_code == 401
+        assert shim.post(b"{").status_code == 400  # not an envelope: nothing to keep
+        wait_for(lambda: shim_metric(shim, "rtcbus_shim_quarantined_total") == 1, 30, "the quarantine's ack")
+        quarantined = records_before_sentinels(settings, settings.quarantine_topic)
+        raw = records_before_sentinels(settings, settings.raw_topic)
+    assert [record.value() for record in quarantined] == [wrong]
+    assert raw == [], "a body that failed its signature reached the raw topic"
+    headers = dict(quarantined[0].headers())
+    assert b"Signature" in headers["rtcbus.error.message"]
+    assert SECRET.encode() not in b"".join(headers.values())

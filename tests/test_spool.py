@@ -100,7 +100,7 @@ def test_an_append_past_the_size_cap_is_refused_and_nothing_is_written(tmp_path:
         spool = Spool(tmp_path, MiB)
         try:
             taken = 0
-            with pytest.raises(SpoolFull, match="limit is 1048576"):
+            with pytest.raises(SpoolFull, match="the spool is full"):
                 while True:
                     await spool.append(record(taken, 10_000))
                     taken += 1
