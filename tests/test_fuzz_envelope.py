@@ -88,7 +88,7 @@ class FuzzReport:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.inputs:
             return
-        terminalreporter.write_sep("-", f"fuzz inputs (RTCBUS_FUZZ_EXAMPLES={EXAMPLES})")
+        terminalreporter.write_sep("-", "fuzz inputs")
         for name, count in sorted(self.inputs.items()):
             terminalreporter.write_line(f"{name}: {count} inputs in {self.seconds[name]:.1f} s")
         terminalreporter.write_line(
