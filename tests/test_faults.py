@@ -469,12 +469,46 @@ def test_10_poison_records_cost_one_dead_letter_each(case: Case):
 
 # -- the shim's spool: Kafka away longer than the sender's patience ---------------------------------
 
-SPOOL_OUTAGE_S = 60.0  # the whole cluster down: 4 times the vendor's 3 tries of 5 s
+SPOOL_OUTAGE_S = 60.0  # Kafka down: 4 times the vendor's 3 tries of 5 s
 
 
-def _stop_cluster(cluster: Cluster) -> None:
+@pytest.fixture(scope="session")
+def kafka1(kafka_dist: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A one-broker cluster of the spool cases' own: the whole of Kafka, stopped and started
+    in seconds (a 3-broker cluster takes minutes to come back from a full stop)."""
+    cluster = Cluster(kafka_dist, tmp_path_factory.mktemp("kafka1"), brokers=1)
+    try:
+        cluster.start(timeout_s=120)
+        cluster.warm_up()
+    except Exception as exc:
+        cluster.stop()
+        pytest.fail(f"the one-broker Kafka for the spool cases did not start: {exc}", pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def spool_case(kafka1: Cluster, fault_report: FaultReport, request: pytest.FixtureRequest, tmp_path: Path):
+    """As ``case``, on the one-broker cluster (topics with RF 1)."""
+    record = fault_report.case(request.node.nodeid, request.node.name.removeprefix("test_"))
+    if not kafka1.local.status()[0].pid:
+        kafka1.start()
+    kafka1.wait_healthy()
+    stack = Stack(kafka1.bootstrap, tmp_path, partitions=PARTITIONS)
+    kafka1.wait_healthy([stack.raw_topic, *output_topics(stack)])
+    record.phase("set-up")
+    yield Case(kafka1, stack, Routers(stack), record, tmp_path)
+    _stop_processes(stack)
+
+
+def _kafka_down(cluster: Cluster) -> None:
     for node_id in cluster.node_ids:
-        cluster.graceful_stop(node_id)
+        cluster.kill(node_id)
+
+
+def _kafka_up(cluster: Cluster) -> None:
+    cluster.start()
+    cluster.wait_healthy()
 
 
 def _shim_metrics(stack: Stack, admin_port: str | None = None) -> dict[str, float]:
@@ -491,20 +525,20 @@ def _spool_drained(stack: Stack, admin_port: str | None = None) -> bool:
     return _shim_metrics(stack, admin_port)["rtcbus_shim_spool_depth"] == 0
 
 
-def test_11_whole_cluster_down_for_a_minute_every_callback_is_answered_200_and_arrives(case: Case):
+def test_11_kafka_down_for_a_minute_every_callback_is_answered_200_and_arrives(spool_case: Case):
+    case = spool_case
     cluster, stack, routers = case.cluster, case.stack, case.routers
     stack.start_shim()
     router = routers.start("0")
-    workload = Workload(stack).start()
+    workload = Workload(stack, max_per_room=1000).start()
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
     case.record.phase("start, until routing")
-    _stop_cluster(cluster)
+    _kafka_down(cluster)
     outage_started = time.monotonic()
     time.sleep(SPOOL_OUTAGE_S)  # the outage, with the workload running through it
     case.record.phase("outage")
     spooled = _shim_metrics(stack)["rtcbus_shim_stored_total{spool}"]
-    cluster.start()
-    cluster.wait_healthy()
+    _kafka_up(cluster)
     case.record.phase("fault")
     case.record.notes.append(
         f"{spooled:.0f} callbacks answered 200 from the spool in {time.monotonic() - outage_started:.0f} s without Kafka"
@@ -520,14 +554,15 @@ def test_11_whole_cluster_down_for_a_minute_every_callback_is_answered_200_and_a
     verify(case, workload, alive=[router])
 
 
-def test_12_shim_sigkilled_mid_outage_forwards_all_it_answered_and_a_replayed_spool_costs_nothing(case: Case):
+def test_12_shim_sigkilled_mid_outage_forwards_all_it_answered_and_a_replayed_spool_costs_nothing(spool_case: Case):
+    case = spool_case
     cluster, stack, routers = case.cluster, case.stack, case.routers
     shim = stack.start_shim()
     router = routers.start("0")
-    workload = Workload(stack).start()
+    workload = Workload(stack, max_per_room=1000).start()
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
     case.record.phase("start, until routing")
-    _stop_cluster(cluster)
+    _kafka_down(cluster)
     time.sleep(SPOOL_OUTAGE_S / 3)  # spooling, with the workload running
     shim.kill()  # SIGKILL: nothing is flushed, the spool is all there is
     # The spool as the kill left it: every entry in it is also about to be forwarded by the
@@ -538,8 +573,7 @@ def test_12_shim_sigkilled_mid_outage_forwards_all_it_answered_and_a_replayed_sp
     stack.start_shim()
     time.sleep(SPOOL_OUTAGE_S / 3)  # more spooling, on the restarted shim
     case.record.phase("outage, shim killed and restarted")
-    cluster.start()
-    cluster.wait_healthy()
+    _kafka_up(cluster)
     case.record.phase("fault")
     assert workload.running, "Kafka must come back mid-stream"
     workload.finish(min_total_s=30)
