@@ -62,6 +62,8 @@ def run(bootstrap: str, rate: float, seconds: float, commit_interval_ms: int = 1
         "bootstrap_servers": bootstrap, "topic_prefix": settings.topic_prefix, "partitions": 3,
         "group_id": settings.group_id, "commit_interval_ms": commit_interval_ms,
         "metrics_port": 0, "dedupe_window_s": dedupe_window_s,
+        # The settings refuse a skew window more than half the dedupe window.
+        "signature_skew_s": None if dedupe_window_s is None else min(300.0, dedupe_window_s / 2),
     })])
     shim = subprocess.Popen([sys.executable, "-m", "bench.shim_bridge", "serve", "bridge",
                              str(port), bootstrap, settings.topic_prefix])
