@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import tempfile
 import threading
@@ -785,3 +786,82 @@ def test_a_body_that_fails_its_signature_is_quarantined_not_routed(kafka, unique
     headers = dict(quarantined[0].headers())
     assert b"Signature" in headers["rtcbus.error.message"]
     assert SECRET.encode() not in b"".join(headers.values())
+
+
+# -- slow and greedy clients --------------------------------------------------------------------
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_until_closed(connection: socket.socket) -> bytes:
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def _read_response(connection: socket.socket) -> bytes:
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += connection.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1])
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.kafka
+def test_a_request_head_that_never_completes_is_cut_off(kafka, unique_name):
+    settings = raw_topic_settings(kafka.settings, unique_name, shim_header_timeout_s=1.0)
+    with running_shim(settings) as shim:
+        connection = _connect(shim.url)
+        started = time.monotonic()
+        connection.sendall(b"POST /callbacks HTTP/1.1\r\nHost: shim\r\nContent-Type: application/json\r\n")
+        assert _read_until_closed(connection) == b"", "the server answered a request it never got"
+        elapsed = time.monotonic() - started
+        connection.close()
+        assert 0.9 <= elapsed < 3.0, f"closed after {elapsed:.2f} s"
+        assert shim.post(body_of(signed(envelope()))).status_code == 200
+
+
+@pytest.mark.kafka
+def test_a_body_that_trickles_in_too_slowly_gets_408_and_writes_nothing(kafka, unique_name):
+    settings = raw_topic_settings(kafka.settings, unique_name, shim_body_timeout_s=1.0)
+    body = body_of(signed(envelope()))
+    with running_shim(settings) as shim:
+        connection = _connect(shim.url)
+        started = time.monotonic()
+        connection.sendall(
+            b"POST /callbacks HTTP/1.1\r\nHost: shim\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body[:20]
+        )
+        answer = _read_response(connection)
+        elapsed = time.monotonic() - started
+        connection.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b"did not arrive within 1 s" in answer
+        assert 0.9 <= elapsed < 3.0, f"answered after {elapsed:.2f} s"
+        quiesced(shim.shim)
+        assert records_before_sentinels(settings, settings.raw_topic) == []
+
+
+@pytest.mark.kafka
+def test_past_the_concurrency_bound_the_answer_is_a_fast_503(kafka, unique_name):
+    settings = raw_topic_settings(kafka.settings, unique_name, shim_max_concurrency=4)
+    with running_shim(settings) as shim:
+        idle = [_connect(shim.url) for _ in range(4)]
+        try:
+            wait_for(lambda: len(shim.server.server_state.connections) >= 4, 5, "the idle connections to be accepted")
+            started = time.monotonic()
+            response = shim.post(body_of(signed(envelope())))
+            assert response.status_code == 503, response.text
+            assert time.monotonic() - started < 1.0, "past the bound, the 503 must be fast"
+        finally:
+            for connection in idle:
+                connection.close()
+        wait_for(lambda: len(shim.server.server_state.connections) == 0, 5, "the idle connections to close")
+        assert shim.post(body_of(signed(envelope()))).status_code == 200
