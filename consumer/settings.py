@@ -278,6 +278,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _spool_before_the_deadline(self) -> Settings:
+        # A callback is spooled after spool_after_s and answered 503 at ack_timeout_s: the
+        # other way round the spool would never be reached in time.
+        if self.spool and self.spool_after_s >= self.ack_timeout_s:
+            raise ValueError(
+                f"spool_after_s ({self.spool_after_s:g}) must be less than ack_timeout_s "
+                f"({self.ack_timeout_s:g}): a callback is spooled only before its deadline"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _registry_for_confluent_format(self) -> Settings:
         if self.wire_format == "confluent" and not self.schema_registry_url:
             raise ValueError("wire_format 'confluent' needs schema_registry_url")

@@ -191,3 +191,10 @@ def test_a_short_dedupe_window_needs_a_shorter_skew_window(monkeypatch):
 def test_unsigned_needs_no_relation_between_the_windows():
     # Anyone can forge a fresh callback then: the bound would protect nothing.
     assert load_settings(unsigned=True, dedupe_window_s=60).signature_skew_s == 300
+
+
+def test_the_spool_must_come_before_the_answer_deadline():
+    with pytest.raises(ConfigError, match="spool_after_s .* must be less than ack_timeout_s"):
+        load_settings(spool_after_s=2.0, ack_timeout_s=1.5)
+    assert load_settings(spool=False, spool_after_s=2.0, ack_timeout_s=1.5).spool is False
+    assert load_settings().spool_after_s < load_settings().ack_timeout_s
