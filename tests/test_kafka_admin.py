@@ -35,7 +35,7 @@ def test_one_partition_count_and_retention_from_settings():
 
 
 def test_dedupe_changelog_expires_by_age_and_outlives_the_window():
-    short = {s.name: s for s in topic_specs(load_settings(dedupe_window_s=60), 1)}["rtc.router.dedupe"]
+    short = {s.name: s for s in topic_specs(load_settings(dedupe_window_s=60, signature_skew_s=30), 1)}["rtc.router.dedupe"]
     long = {s.name: s for s in topic_specs(load_settings(dedupe_window_s=2 * 86400), 1)}["rtc.router.dedupe"]
 
     assert short.config == {"cleanup.policy": "delete", "retention.ms": str(DAY_MS)}

@@ -99,7 +99,7 @@ def test_replicas_with_identical_settings_all_run_and_share_the_partitions(kafka
 
 def test_the_dedupe_window_runs_on_the_brokers_clock_not_the_shims(kafka, tmp_path):
     # A window of a minute: far longer than this test takes, far shorter than the skew.
-    stack = Stack(kafka.bootstrap_servers, tmp_path, dedupe_window_s="60")
+    stack = Stack(kafka.bootstrap_servers, tmp_path, dedupe_window_s="60", signature_skew_s="30")
     try:
         stack.start_router()
         secret, room = stack.secret, "room-skew"
