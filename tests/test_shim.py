@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.envelope import sign
@@ -866,3 +866,41 @@ def test_past_the_concurrency_bound_the_answer_is_a_fast_503(kafka, unique_name)
                 connection.close()
         wait_for(lambda: len(shim.server.server_state.connections) == 0, 5, "the idle connections to close")
         assert shim.post(body_of(signed(envelope()))).status_code == 200
+
+
+@pytest.mark.kafka
+def test_a_fatal_producer_error_fails_liveness_so_the_shim_is_restarted(kafka, unique_name):
+    settings = raw_topic_settings(kafka.settings, unique_name)
+    with running_shim(settings) as shim:
+        assert httpx.get(f"{shim.url}/healthz").status_code == 200
+        # What librdkafka's error_cb reports for a fatal error (e.g. an idempotence epoch
+        # that cannot be recovered): the producer is unusable for good.
+        shim.shim.bridge.on_error(KafkaError(KafkaError._FATAL, "test: producer fenced", fatal=True))
+        health = httpx.get(f"{shim.url}/healthz")
+        assert health.status_code == 503 and "_FATAL" in health.json()["error"]
+        assert httpx.get(f"{shim.admin_url}/healthz").status_code == 503
+        assert httpx.get(f"{shim.url}/readyz", timeout=10).status_code == 503
+
+
+@pytest.mark.kafka
+def test_graceful_shutdown_keeps_the_spool_and_the_next_start_forwards_it(own_kafka, unique_name, tmp_path):
+    settings = raw_topic_settings(own_kafka.settings, unique_name, spool_after_s=0.3, spool_dir=tmp_path / "spool")
+    bodies = [body_of(signed(envelope(event_data={"RoomId": "room-kept", "N": n}))) for n in range(10)]
+    with broker_restarted_after(own_kafka):
+        with running_shim(settings) as shim:
+            assert shim.post(body_of(signed(envelope()))).status_code == 200
+            # (A producer still fetching its id may have spooled that one: let it drain.)
+            wait_for(lambda: shim_metric(shim, "rtcbus_shim_spool_depth") == 0, 30, "an empty spool")
+            own_kafka.local.stop()
+            assert [shim.post(body).json()["stored"] for body in bodies] == ["spool"] * 10
+            shim.server.should_exit = True
+            shim.thread.join(timeout=60)
+        # Stopped with Kafka still away: everything it answered 200 for is on disk.
+        db = sqlite3.connect(settings.spool_path / "spool.db")
+        assert db.execute("SELECT value FROM entries ORDER BY seq").fetchall() == [(b,) for b in bodies]
+        db.close()
+        own_kafka.local.start()
+        with running_shim(settings) as shim:
+            wait_for(lambda: shim_metric(shim, "rtcbus_shim_spool_depth") == 0, 60, "the kept spool to drain")
+            values = [record.value() for record in records_before_sentinels(settings, settings.raw_topic)]
+    assert [v for v in values if v in bodies] == bodies
