@@ -6,7 +6,8 @@ Run: .venv/bin/python -m bench [--full | --smoke] [--bootstrap HOST:PORT] [--out
 Sections, each a module with a function returning plain dicts: codec (``bench.codec``),
 per-event CPU of each step, without a broker (``bench.floor``), router throughput against
 four contenders (``bench.router``), shim throughput and latency
-(``bench.shim_bridge``), end-to-end latency by commit interval (``bench.latency``), and in
+(``bench.shim_bridge``), the shim with its spool engaged and the spool's drain
+(``bench.shim_spool``), end-to-end latency by commit interval (``bench.latency``), and in
 full mode RSS over a 10-minute sustained run. Without ``--bootstrap`` a local Kafka is
 started for the run and stopped afterwards. Writes ``<out>/<date>.json`` (raw figures,
 machine, versions, targets met) and, except in smoke mode, PNG plots next to it.
@@ -20,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import codec, floor, latency, report, router, shim_bridge
+from bench import codec, floor, latency, report, router, shim_bridge, shim_spool
 from bench.broker import bench_kafka
 from bench.workload import raw_records, weights
 
@@ -32,6 +33,8 @@ PROFILES = {
         "router": {"events": 300, "rounds": 1, "arms": ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook")},
         "intervals_drain": (),
         "shim": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5},
+        "shim_spool": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5,
+                       "drain_records": 0},
         "latency": {"rate": 200, "seconds": 2, "intervals": (100,)},
         "memory_s": 0,
     },
@@ -41,6 +44,8 @@ PROFILES = {
         "router": {"events": 30000, "rounds": 2, "arms": tuple(a.name for a in router.ARMS)},
         "intervals_drain": (20, 500),
         "shim": {"seconds": 3, "rounds": 2, "connections": (64, 256), "warmup_s": 1},
+        "shim_spool": {"seconds": 5, "rounds": 1, "connections": (64,), "warmup_s": 1,
+                       "drain_records": 20000},
         "latency": {"rate": 2000, "seconds": 12, "intervals": (20, 100, 500)},
         "memory_s": 0,
     },
@@ -50,6 +55,8 @@ PROFILES = {
         "router": {"events": 100000, "rounds": 3, "arms": tuple(a.name for a in router.ARMS)},
         "intervals_drain": (20, 500, 1000),
         "shim": {"seconds": 10, "rounds": 3, "connections": (64, 256), "warmup_s": 2},
+        "shim_spool": {"seconds": 10, "rounds": 2, "connections": (64, 256), "warmup_s": 2,
+                       "drain_records": 50000},
         "latency": {"rate": 2000, "seconds": 60, "intervals": (20, 100, 500, 1000)},
         "memory_s": 600,
     },
@@ -90,6 +97,7 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
 
     section("router", router_section)
     section("shim", lambda: shim_bridge.run(bootstrap, **sizes["shim"]))
+    section("shim_spool", lambda: shim_spool.run(bootstrap, **sizes["shim_spool"]))
 
     def latency_section() -> dict:
         lat = sizes["latency"]
@@ -115,7 +123,10 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
             bootstrap, sizes["latency"]["rate"], sizes["memory_s"], 100, rss_every_s=5,
             dedupe_window_s=120))
     # Smoke sizes are far too small for ratios to mean anything.
-    results["targets"] = report.targets(results) if mode != "smoke" else []
+    results["targets"] = (
+        report.targets(results) + shim_spool.targets(results.get("shim_spool", {}))
+        if mode != "smoke" else []
+    )
     results["elapsed_s"] = time.monotonic() - started
     return results
 
@@ -138,6 +149,7 @@ def main() -> None:
         results["plots"] = [str(p.name) for p in plot(results, out)]
     path = report.write(results, out)
     print(report.tables(results))
+    print(shim_spool.table(results.get("shim_spool", {})))
     print(f"\nwritten: {path} ({results['elapsed_s']:.0f} s)")
 
 

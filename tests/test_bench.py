@@ -36,7 +36,7 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     assert results["mode"] == "smoke"
     assert results["machine"]["versions"]["librdkafka"]
     assert len(results["workload"]["weights_pct"]) == 38
-    for section in ("codec", "floor", "router", "shim", "latency"):
+    for section in ("codec", "floor", "router", "shim", "shim_spool", "latency"):
         assert "error" not in results[section], results[section].get("traceback")
     assert all(row["events_per_s"] > 0 for row in results["codec"]["rows"].values())
     assert len(results["floor"]["cpu_us_per_event"]) == 8
@@ -50,5 +50,12 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     assert arms["quix"]["status"] == "not run in smoke mode"
     for rows in results["shim"]["connections"].values():
         assert {row["runs"][0]["statuses"].get("200", 0) > 0 for row in rows.values()} == {True}
+    (spool_run,) = results["shim_spool"]["connections"]["8"]["runs"]
+    normal, spooled = spool_run["arms"]["normal"], spool_run["arms"]["spooled"]
+    assert normal["statuses"].get("200", 0) > 0 and spooled["statuses"].get("200", 0) > 0
+    assert normal["metrics"]["stored_kafka"] > 0
+    assert spooled["metrics"]["stored_kafka"] == 0 < spooled["metrics"]["stored_spool"]
+    assert spool_run["drain"]["drained"] and spool_run["drain"]["forwarded"] > 0
+    assert results["shim_spool"]["missing_from_raw"] == 0
     (run,) = results["latency"]["runs"].values()
     assert run["received"] == run["ok"] > 0 and run["p99_ms"] > 0
