@@ -48,13 +48,16 @@ def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX)
     from starlette.applications import Starlette
     from starlette.routing import Route
 
+    import tempfile
+
     from consumer.envelope import SignatureVerifier
-    from consumer.kafka.config import producer_config
+    from consumer.ingest import Ingest
     from consumer.settings import load_settings
-    from consumer.shim import DeliveryBridge, Shim, ShimMetrics, _settle, create_app
+    from consumer.shim import DeliveryBridge, Shim, ShimMetrics, _settle, create_app, shim_producer_config
 
     settings = load_settings(
-        bootstrap_servers=bootstrap, topic_prefix=topic_prefix, secrets=SECRET, shim_port=port
+        bootstrap_servers=bootstrap, topic_prefix=topic_prefix, secrets=SECRET, shim_port=port,
+        spool_dir=tempfile.mkdtemp(prefix="bench-spool-"),
     )
 
     class NoKafkaBridge(DeliveryBridge):
@@ -66,6 +69,10 @@ def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX)
 
         def start(self, loop: asyncio.AbstractEventLoop) -> None:
             self._loop = loop
+
+        @property
+        def healthy(self) -> bool:
+            return True
 
         def stop(self, flush_timeout_s: float = 0) -> int:
             return 0
@@ -85,11 +92,13 @@ def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX)
         app = create_app(settings)
     else:
         bridge = (
-            NoKafkaBridge() if arm == "no-kafka" else PerReportBridge(producer_config(settings))
+            NoKafkaBridge() if arm == "no-kafka" else PerReportBridge(shim_producer_config(settings))
         )
         shim = Shim(
             settings,
             bridge=bridge,
+            # No spool: Kafka (or the stand-in) answers well within spool_after_s here.
+            ingest=Ingest(bridge, settings.raw_topic, open_spool=None, spool_after_s=settings.spool_after_s),
             metrics=ShimMetrics(CollectorRegistry()),
             verifier=SignatureVerifier.from_settings(settings),
         )
