@@ -196,7 +196,7 @@ class Ingest:
         try:
             stored = await asyncio.wait_for(asyncio.shield(answer), max(deadline - time.monotonic(), 0))
         except TimeoutError:
-            raise NotStored(503, "neither Kafka nor the spool took the record in time, retry later") from None
+            raise self._not_stored("Kafka did not acknowledge the record in time") from None
         finally:
             if waiting is not None:  # answered, or given up on: it must not be spooled later
                 self._release(waiting)
@@ -240,9 +240,18 @@ class Ingest:
         if waiting in self._waiting:  # it can never succeed, or there is no spool
             self._release(waiting)
             if not waiting.answer.done():
-                waiting.answer.set_exception(
-                    error if isinstance(error, NotStored) else NotStored(503, str(error))
-                )
+                if isinstance(error, NotStored) and error.status != 503:
+                    waiting.answer.set_exception(error)
+                else:
+                    reason = error.message if isinstance(error, NotStored) else str(error)
+                    waiting.answer.set_exception(self._not_stored(reason))
+
+    def _not_stored(self, kafka_reason: str) -> NotStored:
+        if self.spool is not None:
+            return NotStored(503, f"{kafka_reason}, and the spool did not take it in time; retry later")
+        if self._open_spool is None:
+            return NotStored(503, f"{kafka_reason}; retry later")
+        return NotStored(503, f"{kafka_reason}, and {self.spool_problem}; retry later")
 
     def _cut_over(self) -> None:
         """Spool every record still waiting for Kafka, in arrival order."""

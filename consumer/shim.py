@@ -157,7 +157,7 @@ class DeliveryBridge:
                 on_delivery=functools.partial(self._on_delivery, future),
             )
         except BufferError:
-            raise NotStored(503, "Kafka producer queue is full, retry later") from None
+            raise NotStored(503, "Kafka producer queue is full") from None
         except KafkaException as exc:
             raise _refusal(exc.args[0]) from None
         return future
@@ -218,7 +218,7 @@ def _refusal(error: KafkaError) -> NotStored:
     # A record over message.max.bytes can never succeed: a 4xx stops the sender retrying it.
     if error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
         return NotStored(413, "body is larger than the Kafka producer accepts")
-    return NotStored(503, f"Kafka did not take the record: {error.name()}, retry later")
+    return NotStored(503, f"Kafka did not take the record: {error.name()}")
 
 
 class ShimMetrics:
