@@ -163,6 +163,10 @@ def parse_envelope(body: bytes | str) -> Envelope:
         # Some senders send an object. No string was received, so the signature covers the
         # object's text as it stands in the body; a re-serialisation would be a guess.
         event_data = _member_text(text, "EventData")
+        if not event_data.isascii() and _lone_surrogate(event_data) is not None:
+            # Only from a str body (bytes are decoded strictly): the text that would be
+            # signed and written cannot be encoded.
+            raise _field_error({**document, "EventData": event_data}, "EventData")
 
     return Envelope(
         event_type=document["EventType"],

@@ -402,7 +402,7 @@ class Workload:
     """
 
     def __init__(
-        self, stack: Stack, rooms: int = 20, interval_s: float = 0.4, max_per_room: int = 400,
+        self, stack: Stack, rooms: int = 20, interval_s: float = 0.4, max_per_room: int = 1000,
         poison: dict[int, dict[int, str]] | None = None,
     ) -> None:
         self.stack, self.rooms, self.interval_s, self.max_per_room = stack, rooms, interval_s, max_per_room

@@ -530,3 +530,16 @@ def test_hostile_values_in_an_envelope_raise_only_callback_errors(document, chan
     except CallbackError:
         return
     envelope.key().encode("utf-8")
+
+
+def test_object_eventdata_with_a_raw_lone_surrogate_in_a_str_body_is_a_validation_error():
+    # Found by the long fuzz run: a str body (bytes are decoded strictly) whose object
+    # EventData holds a lone surrogate deep inside; its text could not be signed.
+    body = (
+        '{"EventType": "UserAudioStreamStart", "EventData": {"UserId": "u", "Timestamp": ["\ud800"]}, '
+        '"EventTime": "2000-01-01T00:00:00+00:00", "EventId": "0", "AppId": "0", "Version": "2020-12-01", '
+        '"Nonce": "", "Signature": ""}'
+    )
+    with pytest.raises(ValidationError, match="EventData holds a lone surrogate") as refused:
+        parse_envelope(body)
+    assert refused.value.field == "EventData"

@@ -530,7 +530,7 @@ def test_11_kafka_down_for_a_minute_every_callback_is_answered_200_and_arrives(s
     cluster, stack, routers = case.cluster, case.stack, case.routers
     stack.start_shim()
     router = routers.start("0")
-    workload = Workload(stack, max_per_room=1000).start()
+    workload = Workload(stack).start()
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
     case.record.phase("start, until routing")
     _kafka_down(cluster)
@@ -559,7 +559,7 @@ def test_12_shim_sigkilled_mid_outage_forwards_all_it_answered_and_a_replayed_sp
     cluster, stack, routers = case.cluster, case.stack, case.routers
     shim = stack.start_shim()
     router = routers.start("0")
-    workload = Workload(stack, max_per_room=1000).start()
+    workload = Workload(stack).start()
     wait_routed(stack, routers, 200, 60, "the router to route 200 records")
     case.record.phase("start, until routing")
     _kafka_down(cluster)
