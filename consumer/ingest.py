@@ -299,10 +299,13 @@ class Ingest:
         return answer
 
     def _start_spooling(self) -> None:
+        assert self.spool is not None, "spooling needs an open spool"
         if not self.spooling:
             self.spooling = True
-            log.warning("spool: Kafka did not acknowledge in time; spooling callbacks to %s",
-                        self.spool.directory if self.spool else "?")
+            log.warning(
+                "spool: Kafka did not acknowledge in time; spooling callbacks to %s",
+                self.spool.directory,
+            )
 
     def _refused(self, reason: str, error: BaseException | None) -> None:
         self.counters.spool_refused(reason)

@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +74,19 @@ def fault_report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="session")
 def kafka3(kafka_dist: Path, tmp_path_factory: pytest.TempPathFactory):
     """A 3-broker cluster of the suite's own (free ports, data in tmp), started on first use."""
-    cluster = Cluster(kafka_dist, tmp_path_factory.mktemp("kafka3"))
+    yield from _running_cluster(
+        Cluster(kafka_dist, tmp_path_factory.mktemp("kafka3")), 180,
+        "the 3-broker Kafka cluster for the fault suite",
+    )
+
+
+def _running_cluster(cluster: Cluster, timeout_s: float, what: str) -> Iterator[Cluster]:
     try:
-        cluster.start(timeout_s=180)
+        cluster.start(timeout_s=timeout_s)
         cluster.warm_up()
     except Exception as exc:
         cluster.stop()
-        pytest.fail(f"the 3-broker Kafka cluster for the fault suite did not start: {exc}", pytrace=False)
+        pytest.fail(f"{what} did not start: {exc}", pytrace=False)
     yield cluster
     cluster.stop()
 
@@ -113,14 +120,20 @@ class Case:
 def case(kafka3: Cluster, fault_report: FaultReport, request: pytest.FixtureRequest, tmp_path: Path):
     """A healthy cluster, a Stack on fresh topics (6 partitions, RF 3), and the case's record.
     Afterwards every process of the case is stopped, paused brokers resumed."""
+    yield from _case_on(kafka3, fault_report, request, tmp_path)
+
+
+def _case_on(
+    cluster: Cluster, fault_report: FaultReport, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Case]:
     record = fault_report.case(request.node.nodeid, request.node.name.removeprefix("test_"))
-    kafka3.wait_healthy()
-    stack = Stack(kafka3.bootstrap, tmp_path, partitions=PARTITIONS)
-    kafka3.wait_healthy([stack.raw_topic, *output_topics(stack)])
+    cluster.wait_healthy()
+    stack = Stack(cluster.bootstrap, tmp_path, partitions=PARTITIONS)
+    cluster.wait_healthy([stack.raw_topic, *output_topics(stack)])
     record.phase("set-up")
-    yield Case(kafka3, stack, Routers(stack), record, tmp_path)
-    for node_id in list(kafka3._paused):
-        kafka3.resume(node_id)
+    yield Case(cluster, stack, Routers(stack), record, tmp_path)
+    for node_id in list(cluster._paused):
+        cluster.resume(node_id)
     _stop_processes(stack)
 
 
@@ -476,29 +489,19 @@ SPOOL_OUTAGE_S = 60.0  # Kafka down: 4 times the vendor's 3 tries of 5 s
 def kafka1(kafka_dist: Path, tmp_path_factory: pytest.TempPathFactory):
     """A one-broker cluster of the spool cases' own: the whole of Kafka, stopped and started
     in seconds (a 3-broker cluster takes minutes to come back from a full stop)."""
-    cluster = Cluster(kafka_dist, tmp_path_factory.mktemp("kafka1"), brokers=1)
-    try:
-        cluster.start(timeout_s=120)
-        cluster.warm_up()
-    except Exception as exc:
-        cluster.stop()
-        pytest.fail(f"the one-broker Kafka for the spool cases did not start: {exc}", pytrace=False)
-    yield cluster
-    cluster.stop()
+    yield from _running_cluster(
+        Cluster(kafka_dist, tmp_path_factory.mktemp("kafka1"), brokers=1), 120,
+        "the one-broker Kafka for the spool cases",
+    )
 
 
 @pytest.fixture
 def spool_case(kafka1: Cluster, fault_report: FaultReport, request: pytest.FixtureRequest, tmp_path: Path):
-    """As ``case``, on the one-broker cluster (topics with RF 1)."""
-    record = fault_report.case(request.node.nodeid, request.node.name.removeprefix("test_"))
+    """As ``case``, on the one-broker cluster (topics with RF 1), started again if a case
+    left it down."""
     if not kafka1.local.status()[0].pid:
         kafka1.start()
-    kafka1.wait_healthy()
-    stack = Stack(kafka1.bootstrap, tmp_path, partitions=PARTITIONS)
-    kafka1.wait_healthy([stack.raw_topic, *output_topics(stack)])
-    record.phase("set-up")
-    yield Case(kafka1, stack, Routers(stack), record, tmp_path)
-    _stop_processes(stack)
+    yield from _case_on(kafka1, fault_report, request, tmp_path)
 
 
 def _kafka_down(cluster: Cluster) -> None:
