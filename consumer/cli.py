@@ -191,7 +191,8 @@ def router(
     instance_id: Annotated[str | None, typer.Option(help="Fixes the transactional.id to <group>-<id>; default: unique per process (env RTCBUS_INSTANCE_ID).")] = None,
     commit_interval_ms: Annotated[int | None, typer.Option(help="Commit at least this often (env RTCBUS_COMMIT_INTERVAL_MS).")] = None,
     dedupe_window_s: Annotated[float | None, typer.Option(help="Remember EventIds this long (env RTCBUS_DEDUPE_WINDOW_S).")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (env RTCBUS_METRICS_PORT).")] = None,
+    metrics_host: Annotated[str | None, typer.Option(help="Address of /metrics, /healthz and /readyz (env RTCBUS_METRICS_HOST); default 127.0.0.1.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Port of /metrics, /healthz and /readyz (env RTCBUS_METRICS_PORT); 0: none.")] = None,
     exactly_once: Annotated[
         bool | None,
         typer.Option(
@@ -209,6 +210,7 @@ def router(
             instance_id=instance_id,
             commit_interval_ms=commit_interval_ms,
             dedupe_window_s=dedupe_window_s,
+            metrics_host=metrics_host,
             metrics_port=metrics_port,
             exactly_once=exactly_once,
         )

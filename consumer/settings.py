@@ -218,7 +218,14 @@ class Settings(BaseSettings):
     # transactions, so a crash can duplicate the records since the last commit.
     exactly_once: bool = True
     dedupe_window_s: float = Field(15 * 60, gt=0)
+    metrics_host: str = Field(
+        "127.0.0.1", description="Where the router's /metrics, /healthz and /readyz listen."
+    )
     metrics_port: int = Field(9108, ge=0, le=65535)
+    router_stall_s: float = Field(
+        120.0, gt=0,
+        description="/healthz fails when the routing loop has not made a pass for this long.",
+    )
 
     # -- contract -------------------------------------------------------------------------------------
     routes: dict[str, str] = Field(

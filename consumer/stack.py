@@ -53,7 +53,7 @@ def up(settings: Settings, echo: Callable[[str], None]) -> int:
     else:
         echo("Secret:       per AppId, from RTCBUS_APP_SECRETS")
     echo(f"Metrics:      shim http://{settings.shim_admin_host}:{settings.shim_admin_port}/metrics, "
-         f"router http://127.0.0.1:{settings.metrics_port}/metrics")
+         f"router http://{settings.metrics_host}:{settings.metrics_port}/metrics")
     echo("Ctrl-C stops everything.")
 
     env = {**os.environ, **_child_env(settings)}

@@ -164,11 +164,7 @@ class Stack:
         name = f"router-{instance}" if instance is not None else "router"
         instance_env = {"RTCBUS_INSTANCE_ID": f"router-{instance}"} if instance is not None else {}
         return self._spawn(
-            ["router"],
-            name,
-            **instance_env,
-            RTCBUS_METRICS_PORT=str(free_ports(1)),
-            **env,
+            ["router"], name, **{"RTCBUS_METRICS_PORT": str(free_ports(1)), **instance_env, **env}
         )
 
     def _spawn(self, command: list[str], name: str, **env: str) -> RtcbusProcess:

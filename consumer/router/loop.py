@@ -53,6 +53,7 @@ from consumer.envelope import HEADER_ERROR_MESSAGE
 from consumer.errors import InfrastructureError
 from consumer.kafka.config import consumer_config
 from consumer.router.dedupe import DedupeLog, DedupeWindow, marker_records
+from consumer.router.health import Health, serve_admin
 from consumer.router.metrics import RouterMetrics
 from consumer.router.output import (
     ATTEMPT_S,
@@ -104,6 +105,7 @@ class Router:
         self.transform = transform or Transform.from_settings(settings)
         self.registry = registry or CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
+        self.health = Health(settings.router_stall_s)
         window_ms = int(settings.dedupe_window_s * 1000)
         self._window = DedupeWindow(window_ms)
         self._stop = threading.Event()
@@ -183,9 +185,11 @@ class Router:
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
             )
+            self.health.ready()
             if on_ready:
                 on_ready()
             while not stop.is_set():
+                self.health.beat()
                 rewound = self._rewound
                 messages = self._next_batch(batch_size, wait_s=min(interval_s, 0.1))
                 for message in messages:
@@ -201,6 +205,7 @@ class Router:
                     or time.monotonic() - self._transaction_started >= interval_s
                 ):
                     self._commit()
+            self.health.stopping()
             if self._in_transaction:
                 self._commit()
         except BaseException:
@@ -427,21 +432,20 @@ class Router:
 
 
 def run_router(settings: Any) -> None:
-    """``rtcbus router``: route until SIGTERM or SIGINT, serving metrics on ``metrics_port``.
+    """``rtcbus router``: route until SIGTERM or SIGINT, serving ``/metrics``, ``/healthz`` and
+    ``/readyz`` on ``metrics_host:metrics_port`` (see :mod:`consumer.router.health`).
 
     Raises:
         KafkaException: a fatal Kafka error; the process should exit non-zero.
     """
     import signal
 
-    from prometheus_client import start_http_server
-
     router = Router(settings)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=router.registry)
+        serve_admin(router.health, router.registry, settings.metrics_host, settings.metrics_port)
     log.info(
         "router in group %s, transactional.id %s: %s -> %s", settings.group_id,
         router.transactional_id, settings.raw_topic, ", ".join(router.output_topics),
