@@ -175,7 +175,7 @@ that name (from the Secret, defined before RTCBUS_KAFKA_CONFIG) when it starts t
 - name: kafka-client
   secret:
     secretName: {{ .Values.kafka.tls.clientCertSecret.name }}
-    defaultMode: 0400
+    defaultMode: 0440
 {{- end }}
 {{- end }}
 
