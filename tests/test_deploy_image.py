@@ -83,10 +83,12 @@ class Containers:
         return name
 
     def start(self, role: str, args: list[str], env: dict[str, str], *options: str) -> str:
-        """``podman run --detach``; the container's name."""
+        """``podman run --detach``, the root filesystem read-only and no tmpfs on /tmp (as
+        Kubernetes' readOnlyRootFilesystem has it); the container's name."""
         name = self._name(role)
         subprocess.run(
-            [*PODMAN_RUN, "--detach", "--name", name, *_env_flags(env), *options, self.image, *args],
+            [*PODMAN_RUN, "--detach", "--name", name, "--read-only", "--read-only-tmpfs=false",
+             *_env_flags(env), *options, self.image, *args],
             check=True, capture_output=True, timeout=60,
         )
         return name

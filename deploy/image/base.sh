@@ -24,18 +24,19 @@ cache_dir="${XDG_CACHE_HOME:-$HOME/.cache}/rtcbus"
 # What goes into the root filesystem; its hash names the cached tarball, so a changed
 # recipe never imports a stale one. Bump the last word when the trimming below changes.
 recipe="$suite minbase $packages trim-1"
-tarball="$cache_dir/rtcbus-base-$suite-$(printf '%s' "$recipe" | sha256sum | cut -c1-12).tar"
+recipe_hash=$(printf '%s' "$recipe" | sha256sum | cut -c1-12)
+tarball="$cache_dir/rtcbus-base-$suite-$recipe_hash.tar"
 
 say() { echo "base.sh: $*" >&2; }
 
-for tool in podman debootstrap; do
-    if ! command -v "$tool" >/dev/null; then
-        say "FAILED: $tool is not installed (apt-get install podman debootstrap)"
-        exit 1
-    fi
-done
+if ! command -v podman >/dev/null; then
+    say "FAILED: podman is not installed (apt-get install podman)"
+    exit 1
+fi
 
-if [ -z "${REBUILD:-}" ] && podman image exists "$image"; then
+# The image records its recipe, so one made by an older recipe is made again.
+if [ -z "${REBUILD:-}" ] && podman image exists "$image" \
+    && [ "$(podman image inspect --format '{{index .Labels "io.rtcbus.base.recipe"}}' "$image")" = "$recipe_hash" ]; then
     say "$image is already in podman's storage"
     exit 0
 fi
@@ -65,6 +66,10 @@ apt_mirror() {
 if [ -z "${REBUILD:-}" ] && [ -s "$tarball" ]; then
     say "importing $tarball (cached root filesystem)"
 else
+    if ! command -v debootstrap >/dev/null; then
+        say "FAILED: debootstrap is not installed (apt-get install debootstrap)"
+        exit 1
+    fi
     if [ "$(id -u)" -ne 0 ]; then
         say "FAILED: debootstrap needs root"
         exit 1
@@ -108,6 +113,7 @@ fi
 podman import --quiet \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["/bin/bash"]' \
+    --change "LABEL io.rtcbus.base.recipe=$recipe_hash" \
     --message "$recipe" \
     "$tarball" "$image" >/dev/null
 say "imported $image"
