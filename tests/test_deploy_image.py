@@ -122,7 +122,9 @@ class Containers:
 
     def remove_all(self) -> None:
         if self.names:
-            subprocess.run(["podman", "rm", "--force", "--volumes", "--time", "0", *self.names], capture_output=True, timeout=60)
+            # --volumes: the anonymous volumes podman made for the image's VOLUME as well.
+            subprocess.run(["podman", "rm", "--force", "--volumes", "--time", "0", *self.names],
+                           capture_output=True, timeout=60)
         if self.volumes:
             subprocess.run(["podman", "volume", "rm", "--force", *self.volumes], capture_output=True, timeout=60)
 
@@ -242,7 +244,8 @@ def test_the_quick_start_through_containers_routes_the_45_examples(kafka, contai
     assert tail.returncode == 0, tail.stderr
     lines = [json.loads(line) for line in tail.stdout.splitlines()]
 
-    raw_ids = {json.loads(record.value())["EventId"] for record in read_topic(stack.bootstrap, f"{stack.prefix}.callbacks.raw")}
+    raw = read_topic(stack.bootstrap, f"{stack.prefix}.callbacks.raw")
+    raw_ids = {json.loads(record.value())["EventId"] for record in raw}
     assert len(raw_ids) == 45
     assert {line["record"]["EventId"] for line in lines} == raw_ids
     assert len(lines) == 45
