@@ -6,52 +6,84 @@
 #   compose-spec.json  the compose specification's JSON schema, from the Go module
 #                      github.com/compose-spec/compose-go/v2 (its schema/compose-spec.json).
 #
-# Needs Go (the module proxy is the only source). Idempotent: a tool already at its pinned
-# version is left alone. Prints `NAME=PATH` for each tool, so a caller can `eval` the output.
+#   deploy/monitoring-tools.sh    install what is missing, then print NAME=PATH lines:
+#                                 PROMTOOL=...  COMPOSE_SPEC_SCHEMA=...
 #
-#   deploy/monitoring-tools.sh            # install what is missing, print the paths
-#   PROMTOOL=... COMPOSE_SPEC_SCHEMA=...  # what the tests read instead, if set
+# The tests take the same names from the environment when set. Needs Go (the module proxy is
+# the only source) and python3. Idempotent: a tool at its pinned version is left alone (the
+# promtool binary's own build information says which version it is), so a warm run takes
+# well under a second; the first build of promtool compiles Prometheus, about 7 minutes on
+# 2 cores. Everything goes under ${RTCBUS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rtcbus},
+# built in a temporary directory and moved into place whole, under a lock.
 #
 # podman-compose and jsonschema are Python packages in the `dev` extra (pyproject.toml); the
-# podman binary podman-compose drives comes from the OS (`apt-get install -y podman runc`).
+# tests run podman-compose with --dry-run, which needs no podman binary.
 set -eu
 
-PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v0.316.0}"   # Prometheus 3.16.0 as a Go module
+PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v0.316.0}"   # Prometheus 3.16.0, as a Go module
 COMPOSE_GO_VERSION="${COMPOSE_GO_VERSION:-v2.17.0}"
 
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/rtcbus"
+cache="${RTCBUS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rtcbus}"
 bin="$cache/bin"
-mkdir -p "$bin" "$cache/compose-spec"
+promtool="$bin/promtool"
+schema="$cache/compose-spec/compose-spec-$COMPOSE_GO_VERSION.json"
 
-command -v go >/dev/null 2>&1 || { echo "monitoring-tools.sh: go not found (needed to build promtool)" >&2; exit 1; }
+say() { echo "monitoring-tools.sh: $*" >&2; }
+die() { echo "monitoring-tools.sh: FAILED: $*" >&2; exit 1; }
+
+promtool_current() {
+    go version -m "$promtool" 2>/dev/null |
+        grep -q "^[[:space:]]*mod[[:space:]]*github.com/prometheus/prometheus[[:space:]]*$PROMETHEUS_VERSION[[:space:]]"
+}
+
+command -v go >/dev/null 2>&1 || die "go is not installed (promtool and the compose schema come from Go modules)"
+command -v python3 >/dev/null 2>&1 || die "python3 is not installed"
+
+if promtool_current && [ -s "$schema" ]; then
+    echo "PROMTOOL=$promtool"
+    echo "COMPOSE_SPEC_SCHEMA=$schema"
+    exit 0
+fi
+
+mkdir -p "$bin" "$cache/compose-spec"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$cache/.monitoring-tools.lock"
+    flock 9  # a concurrent run waits, then finds everything installed
+fi
+tmp="$(mktemp -d "$cache/.tmp.monitoring.XXXXXX")"
+trap 'rm -rf "$tmp"' EXIT
 
 # -- promtool -------------------------------------------------------------------------------------
-# `go version -m` reads the module version the binary was built from: the pin is checked
-# against the binary itself, not a stamp file that could lie.
-promtool="$bin/promtool"
-if ! go version -m "$promtool" 2>/dev/null | grep -q "mod[[:space:]]*github.com/prometheus/prometheus[[:space:]]*$PROMETHEUS_VERSION"; then
-    echo "monitoring-tools.sh: building promtool $PROMETHEUS_VERSION into $bin" >&2
-    GOBIN="$bin" go install \
-        "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+if ! promtool_current; then
+    started=$(date +%s)
+    say "promtool: go install github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION (minutes the first time)"
+    GOBIN="$tmp" go install "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" >&2 ||
+        die "promtool: go install github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+    mv -f "$tmp/promtool" "$promtool"
+    promtool_current || die "promtool: $promtool does not report $PROMETHEUS_VERSION"
+    say "promtool: $promtool ($(( $(date +%s) - started )) s)"
 fi
-echo "PROMTOOL=$promtool"
 
 # -- the compose specification's JSON schema ------------------------------------------------------
-schema="$cache/compose-spec/compose-spec-$COMPOSE_GO_VERSION.json"
 if [ ! -s "$schema" ]; then
-    # The module's zip, checked against the checksum database by `go mod download`. Its Dir
-    # is not used: the module needs a newer Go than this one to be extracted as a module
-    # (its go.mod says so), which its schema file does not.
-    zip="$(GOTOOLCHAIN=local go mod download -json "github.com/compose-spec/compose-go/v2@$COMPOSE_GO_VERSION" \
-        | sed -n 's/^[[:space:]]*"Zip": "\(.*\)",*$/\1/p')"
-    member="github.com/compose-spec/compose-go/v2@$COMPOSE_GO_VERSION/schema/compose-spec.json"
-    [ -n "$zip" ] && [ -s "$zip" ] || {
-        echo "monitoring-tools.sh: go mod download gave no zip of compose-go $COMPOSE_GO_VERSION" >&2
-        exit 1
-    }
-    python3 -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
-        "$zip" "$member" > "$schema.tmp"
-    python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$schema.tmp"
-    mv "$schema.tmp" "$schema"
+    module="github.com/compose-spec/compose-go/v2@$COMPOSE_GO_VERSION"
+    say "compose-spec.json: go mod download $module"
+    # The module's zip, checked against the checksum database by `go mod download`. Its Dir is
+    # not used: extracting the module needs the newer Go its go.mod asks for, which a schema
+    # file does not.
+    zip="$(cd "$tmp" && GOTOOLCHAIN=local go mod download -json "$module" |
+        python3 -c 'import json, sys; print(json.load(sys.stdin).get("Zip", ""))')"
+    [ -n "$zip" ] && [ -s "$zip" ] || die "compose-spec.json: go mod download $module gave no zip"
+    python3 - "$zip" "$module/schema/compose-spec.json" "$tmp/compose-spec.json" <<'EOF' ||
+import json, sys, zipfile
+archive, member, target = sys.argv[1:]
+data = zipfile.ZipFile(archive).read(member)
+json.loads(data)  # a schema, not an error page
+open(target, "wb").write(data)
+EOF
+        die "compose-spec.json: not in $zip"
+    mv -f "$tmp/compose-spec.json" "$schema"
 fi
+
+echo "PROMTOOL=$promtool"
 echo "COMPOSE_SPEC_SCHEMA=$schema"
