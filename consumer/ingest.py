@@ -251,6 +251,7 @@ class Ingest:
             return NotStored(503, f"{kafka_reason}, and the spool did not take it in time; retry later")
         if self._open_spool is None:
             return NotStored(503, f"{kafka_reason}; retry later")
+        self.counters.spool_refused("unavailable")  # on, but it could not be opened
         return NotStored(503, f"{kafka_reason}, and {self.spool_problem}; retry later")
 
     def _cut_over(self) -> None:
@@ -272,6 +273,7 @@ class Ingest:
         answer: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
         spool = self.spool
         if spool is None:
+            self.counters.spool_refused("unavailable")
             answer.set_exception(NotStored(503, f"Kafka is unavailable and {self.spool_problem}"))
             return answer
         try:

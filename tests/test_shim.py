@@ -737,6 +737,8 @@ def test_an_unwritable_spool_answers_503_and_the_shim_keeps_serving(own_kafka, u
         assert "cannot create the spool" in response.json()["error"]
         assert httpx.get(f"{shim.url}/readyz", timeout=10).status_code == 503
         assert shim_metric(shim, "rtcbus_shim_spool_available") == 0
+        refused = shim_metric(shim, "rtcbus_shim_spool_refused_total", reason="unavailable")
+        assert refused == 1, "the 503 the missing spool caused is counted"
     assert any("spool: unavailable" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
 
 
