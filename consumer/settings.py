@@ -7,6 +7,10 @@ printed: ``Settings.describe()`` is the only way to show a configuration, and it
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,6 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from consumer.envelope import DEFAULT_SKEW_S
 from consumer.errors import ConfigError
+
+_log = logging.getLogger(__name__)
 
 # librdkafka properties a user may pass through (security, networking, tuning).
 # Anything else is rejected by name at start-up, so a typo fails loudly instead of
@@ -344,9 +350,26 @@ def load_settings(**overrides: object) -> Settings:
     """
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(_describe_validation_error(exc)) from None
+    _warn_unknown_variables(os.environ)
+    return settings
+
+
+def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """Log the ``RTCBUS_*`` variables that are no setting, with the nearest that is.
+
+    pydantic-settings ignores them, so a typo in an env file (``RTCBUS_SPOOL_DRI``) would
+    silently mean the default. A warning rather than an error: the project's own scripts and
+    tests read a few ``RTCBUS_*`` variables of their own (``RTCBUS_TOOLS_CACHE``...). Names
+    only: a value may be a secret.
+    """
+    known = {f"RTCBUS_{name.upper()}" for name in Settings.model_fields}
+    for name in sorted(key for key in environ if key.startswith("RTCBUS_") and key not in known):
+        nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f"; did you mean {nearest[0]}?" if nearest else ""
+        _log.warning("%s is not an rtcbus setting and is ignored%s", name, hint)
 
 
 def _describe_validation_error(exc: ValueError) -> str:

@@ -198,3 +198,16 @@ def test_the_spool_must_come_before_the_answer_deadline():
         load_settings(spool_after_s=2.0, ack_timeout_s=1.5)
     assert load_settings(spool=False, spool_after_s=2.0, ack_timeout_s=1.5).spool is False
     assert load_settings().spool_after_s < load_settings().ack_timeout_s
+
+
+def test_an_rtcbus_variable_that_is_no_setting_is_named_in_a_warning_without_its_value(monkeypatch, caplog):
+    for name in [key for key in os.environ if key.startswith("RTCBUS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RTCBUS_SPOOL_DRI", "a-value-that-may-be-secret")
+    monkeypatch.setenv("RTCBUS_SPOOL_DIR", "/tmp/spool-right")
+    with caplog.at_level("WARNING", logger="consumer.settings"):
+        settings = load_settings()
+    assert str(settings.spool_dir) == "/tmp/spool-right"
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["RTCBUS_SPOOL_DRI is not an rtcbus setting and is ignored; did you mean RTCBUS_SPOOL_DIR?"]
+    assert "a-value-that-may-be-secret" not in caplog.text
