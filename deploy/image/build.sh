@@ -12,7 +12,7 @@
 # local paths that configuration names (a cert, a find-links directory). None of it is
 # copied into a layer. `--network host`: the build's own network would be podman's bridge.
 #
-# Environment: IMAGE, BASE, EXTRAS (pyproject.toml extras for the image, default registry),
+# Environment: IMAGE, BASE, EXTRAS (pyproject.toml extras for the image, default registry,server),
 # PIP (the pip whose configuration is used; default the repository's .venv, else python3 -m pip),
 # CA_BUNDLE (default $SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt).
 set -euo pipefail
@@ -79,7 +79,7 @@ podman build \
     --format docker \
     --network host \
     --build-arg BASE="$base" \
-    --build-arg EXTRAS="${EXTRAS:-registry}" \
+    --build-arg EXTRAS="${EXTRAS:-registry,server}" \
     --build-arg VERSION="$version" \
     --build-arg REVISION="$revision" \
     "${mounts[@]}" \
