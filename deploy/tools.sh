@@ -4,6 +4,9 @@
 #
 #   deploy/tools.sh            install what is missing, then print NAME=VALUE lines (below)
 #   deploy/tools.sh --check    print them only if everything is installed; exit 1 otherwise
+#   deploy/tools.sh --apiserver  also a real kube-apiserver, etcd and kubectl, built from source
+#                              (about 6 minutes cold; no test uses them yet), for
+#                              `kubectl apply --dry-run=server` against the actual API
 #
 # Needs Go (helm, kubeconform, the Prometheus Operator CRDs as a Go module), Maven and a
 # JDK 21+ (the Strimzi CRD generator; JAVA_HOME, `java` on PATH or /usr/lib/jvm/*), and a
@@ -22,6 +25,10 @@
 #                             Operator (strict: additionalProperties false where the CRD has properties)
 #   STRIMZI_CRDS              the generated Strimzi CustomResourceDefinitions (YAML)
 #   PROMETHEUS_OPERATOR_CRDS  the Prometheus Operator's CustomResourceDefinitions (YAML)
+#   KUBE_APISERVER, ETCD, KUBECTL  with --apiserver. Run etcd, then kube-apiserver with
+#                             --etcd-servers, --endpoint-reconciler-type none (a loopback
+#                             address is refused otherwise), --authorization-mode AlwaysAllow,
+#                             --token-auth-file, --service-account-{issuer,key-file,signing-key-file}.
 set -euo pipefail
 
 HELM_VERSION=v3.22.0
@@ -31,6 +38,9 @@ PROMETHEUS_OPERATOR_VERSION=v0.85.0
 # The oldest and the newest Kubernetes the chart is checked against (kubernetes-validate's
 # bundled schemas; Chart.yaml's kubeVersion says the same lower bound).
 KUBERNETES_VERSIONS="1.29.0 1.37.0"
+# --apiserver: k8s.io/kubernetes and the etcd server.
+APISERVER_VERSION=v1.37.0
+ETCD_VERSION=v3.6.16
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -47,6 +57,9 @@ promop_dir="$cache/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
 kv_version=""
 kube_dir=""
 crd_dir="$cache/crd-schemas-strimzi-$STRIMZI_VERSION-prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
+apiserver_dir="$cache/apiserver-$APISERVER_VERSION-etcd-$ETCD_VERSION"
+want_apiserver=""
+[ "${1:-}" = "--apiserver" ] && want_apiserver=1
 
 say() { echo "tools.sh: $*" >&2; }
 die() { echo "tools.sh: FAILED: $*" >&2; exit 1; }
@@ -73,12 +86,18 @@ print_env() {
     printf "%s=%q\n" CRD_SCHEMAS "$crd_dir"
     printf "%s=%q\n" STRIMZI_CRDS "$strimzi_dir/crds"
     printf "%s=%q\n" PROMETHEUS_OPERATOR_CRDS "$promop_dir/crds"
+    if [ -n "$want_apiserver" ]; then
+        printf "%s=%q\n" KUBE_APISERVER "$apiserver_dir/kube-apiserver"
+        printf "%s=%q\n" ETCD "$apiserver_dir/etcd"
+        printf "%s=%q\n" KUBECTL "$apiserver_dir/kubectl"
+    fi
 }
 
 installed() {
     [ -x "$helm_dir/helm" ] && [ -x "$kubeconform_dir/kubeconform" ] &&
         [ -f "$strimzi_dir/.done" ] && [ -f "$promop_dir/.done" ] &&
-        [ -n "$kube_dir" ] && [ -f "$kube_dir/.done" ] && [ -f "$crd_dir/.done" ]
+        [ -n "$kube_dir" ] && [ -f "$kube_dir/.done" ] && [ -f "$crd_dir/.done" ] &&
+        { [ -z "$want_apiserver" ] || [ -f "$apiserver_dir/.done" ]; }
 }
 
 resolve_kube_dir || true
@@ -295,6 +314,39 @@ EOF
     touch "$tmp/crd/.done"
     rm -rf "$crd_dir"
     mv "$tmp/crd" "$crd_dir"
+fi
+
+# -- --apiserver: kube-apiserver, etcd and kubectl from source ----------------------------------------
+# `go install` refuses both modules (their go.mod files have replace directives), so each is
+# built in a module of its own that requires it; k8s.io/kubernetes's replace directives to its
+# ./staging copies become replace directives to the published k8s.io/* v0.x of the same release.
+if [ -n "$want_apiserver" ] && [ ! -f "$apiserver_dir/.done" ]; then
+    started=$SECONDS
+    command -v go >/dev/null || die "kube-apiserver: Go is not installed"
+    say "kube-apiserver, kubectl $APISERVER_VERSION, etcd $ETCD_VERSION: building from source (about 6 minutes the first time)"
+    mkdir -p "$tmp/apiserver/k8s" "$tmp/apiserver/etcd"
+    gomod=$(cd "$tmp" && go mod download -json "k8s.io/kubernetes@$APISERVER_VERSION" |
+        "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["GoMod"])') ||
+        die "kube-apiserver: go mod download k8s.io/kubernetes@$APISERVER_VERSION"
+    staging="v0.${APISERVER_VERSION#v1.}"
+    {
+        printf 'module local/apiserver\n\ngo %s\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' \
+            "$(sed -n 's/^go //p' "$gomod")" "$APISERVER_VERSION"
+        sed -n 's|^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*|\t\1 => \1 '"$staging"'|p' "$gomod"
+        printf ')\n'
+    } >"$tmp/apiserver/k8s/go.mod"
+    printf 'module local/etcd\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" >"$tmp/apiserver/etcd/go.mod"
+    (cd "$tmp/apiserver/k8s" && GOFLAGS=-mod=mod go build -o "$tmp/apiserver/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver &&
+        GOFLAGS=-mod=mod go build -o "$tmp/apiserver/kubectl" k8s.io/kubernetes/cmd/kubectl) >&2 ||
+        die "kube-apiserver: go build of k8s.io/kubernetes $APISERVER_VERSION"
+    (cd "$tmp/apiserver/etcd" && GOFLAGS=-mod=mod go build -o "$tmp/apiserver/etcd-bin" go.etcd.io/etcd/server/v3) >&2 ||
+        die "etcd: go build of go.etcd.io/etcd/server/v3 $ETCD_VERSION"
+    rm -rf "$tmp/apiserver/k8s" "$tmp/apiserver/etcd"
+    mv "$tmp/apiserver/etcd-bin" "$tmp/apiserver/etcd"
+    touch "$tmp/apiserver/.done"
+    rm -rf "$apiserver_dir"
+    mv "$tmp/apiserver" "$apiserver_dir"
+    say "kube-apiserver, etcd, kubectl: $apiserver_dir ($((SECONDS - started)) s)"
 fi
 
 installed || die "something is still missing in $cache"
