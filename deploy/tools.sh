@@ -5,8 +5,8 @@
 #   deploy/tools.sh            install what is missing, then print NAME=VALUE lines (below)
 #   deploy/tools.sh --check    print them only if everything is installed; exit 1 otherwise
 #   deploy/tools.sh --apiserver  also a real kube-apiserver, etcd and kubectl, built from source
-#                              (about 6 minutes cold; no test uses them yet), for
-#                              `kubectl apply --dry-run=server` against the actual API
+#                              (about 6 minutes cold, well under a second warm), for
+#                              tests/test_deploy_apiserver.py (server-side dry runs, helm install)
 #
 # Needs Go (helm, kubeconform, the Prometheus Operator CRDs as a Go module), Maven and a
 # JDK 21+ (the Strimzi CRD generator; JAVA_HOME, `java` on PATH or /usr/lib/jvm/*), and a
@@ -25,10 +25,12 @@
 #                             Operator (strict: additionalProperties false where the CRD has properties)
 #   STRIMZI_CRDS              the generated Strimzi CustomResourceDefinitions (YAML)
 #   PROMETHEUS_OPERATOR_CRDS  the Prometheus Operator's CustomResourceDefinitions (YAML)
-#   KUBE_APISERVER, ETCD, KUBECTL  with --apiserver. Run etcd, then kube-apiserver with
-#                             --etcd-servers, --endpoint-reconciler-type none (a loopback
-#                             address is refused otherwise), --authorization-mode AlwaysAllow,
-#                             --token-auth-file, --service-account-{issuer,key-file,signing-key-file}.
+#   KUBE_APISERVER, ETCD, KUBECTL  with --apiserver (reporting the version APISERVER_VERSION).
+#                             Run etcd, then kube-apiserver with --etcd-servers,
+#                             --endpoint-reconciler-type none (a loopback address is refused
+#                             otherwise), --authorization-mode AlwaysAllow, --token-auth-file,
+#                             --service-account-{issuer,key-file,signing-key-file}; see
+#                             tests/test_deploy_apiserver.py.
 set -euo pipefail
 
 HELM_VERSION=v3.22.0
@@ -57,7 +59,8 @@ promop_dir="$cache/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
 kv_version=""
 kube_dir=""
 crd_dir="$cache/crd-schemas-strimzi-$STRIMZI_VERSION-prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
-apiserver_dir="$cache/apiserver-$APISERVER_VERSION-etcd-$ETCD_VERSION"
+# -r2: built with the version in (the first build said v0.0.0-master to helm and kubectl).
+apiserver_dir="$cache/apiserver-$APISERVER_VERSION-etcd-$ETCD_VERSION-r2"
 want_apiserver=""
 [ "${1:-}" = "--apiserver" ] && want_apiserver=1
 
@@ -325,7 +328,8 @@ if [ -n "$want_apiserver" ] && [ ! -f "$apiserver_dir/.done" ]; then
     command -v go >/dev/null || die "kube-apiserver: Go is not installed"
     say "kube-apiserver, kubectl $APISERVER_VERSION, etcd $ETCD_VERSION: building from source (about 6 minutes the first time)"
     mkdir -p "$tmp/apiserver/k8s" "$tmp/apiserver/etcd"
-    gomod=$(cd "$tmp" && go mod download -json "k8s.io/kubernetes@$APISERVER_VERSION" |
+    # The download runs in $tmp (no go.mod there), the pipe where we are: PYTHON may be relative.
+    gomod=$( (cd "$tmp" && go mod download -json "k8s.io/kubernetes@$APISERVER_VERSION") |
         "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["GoMod"])') ||
         die "kube-apiserver: go mod download k8s.io/kubernetes@$APISERVER_VERSION"
     staging="v0.${APISERVER_VERSION#v1.}"
@@ -336,8 +340,16 @@ if [ -n "$want_apiserver" ] && [ ! -f "$apiserver_dir/.done" ]; then
         printf ')\n'
     } >"$tmp/apiserver/k8s/go.mod"
     printf 'module local/etcd\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" >"$tmp/apiserver/etcd/go.mod"
-    (cd "$tmp/apiserver/k8s" && GOFLAGS=-mod=mod go build -o "$tmp/apiserver/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver &&
-        GOFLAGS=-mod=mod go build -o "$tmp/apiserver/kubectl" k8s.io/kubernetes/cmd/kubectl) >&2 ||
+    # The version the release build stamps in (hack/lib/version.sh); without it the server's
+    # /version says v0.0.0-master, which helm compares with a chart's kubeVersion.
+    minor=${APISERVER_VERSION#v1.}
+    ldflags=""
+    for setting in "gitVersion=$APISERVER_VERSION" gitMajor=1 "gitMinor=${minor%%.*}" gitTreeState=clean; do
+        ldflags="$ldflags -X k8s.io/client-go/pkg/version.$setting -X k8s.io/component-base/version.$setting"
+    done
+    (cd "$tmp/apiserver/k8s" &&
+        GOFLAGS=-mod=mod go build -ldflags "$ldflags" -o "$tmp/apiserver/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver &&
+        GOFLAGS=-mod=mod go build -ldflags "$ldflags" -o "$tmp/apiserver/kubectl" k8s.io/kubernetes/cmd/kubectl) >&2 ||
         die "kube-apiserver: go build of k8s.io/kubernetes $APISERVER_VERSION"
     (cd "$tmp/apiserver/etcd" && GOFLAGS=-mod=mod go build -o "$tmp/apiserver/etcd-bin" go.etcd.io/etcd/server/v3) >&2 ||
         die "etcd: go build of go.etcd.io/etcd/server/v3 $ETCD_VERSION"
