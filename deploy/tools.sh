@@ -38,7 +38,8 @@ KUBECONFORM_VERSION=v0.8.0
 STRIMZI_VERSION=1.2.0
 PROMETHEUS_OPERATOR_VERSION=v0.85.0
 # The oldest and the newest Kubernetes the chart is checked against (kubernetes-validate's
-# bundled schemas; Chart.yaml's kubeVersion says the same lower bound).
+# bundled schemas; the chart's README says the same lower bound. No kubeVersion in Chart.yaml:
+# `helm template` assumes Kubernetes 1.20 without --kube-version, and would refuse).
 KUBERNETES_VERSIONS="1.29.0 1.37.0"
 # --apiserver: k8s.io/kubernetes and the etcd server.
 APISERVER_VERSION=v1.37.0
@@ -50,6 +51,8 @@ cache="${RTCBUS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rtcbus}/deploy"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$repo/.venv/bin/python" ]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
+# Absolute: the steps below run in temporary directories.
+if [[ "$PYTHON" == */* ]]; then PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"; fi
 
 helm_dir="$cache/helm-$HELM_VERSION"
 kubeconform_dir="$cache/kubeconform-$KUBECONFORM_VERSION"
