@@ -1,12 +1,15 @@
 # The README's two commands, each one step from a fresh clone.
 #   make up     everything on the embedded default: local Kafka, topics, shim, router
-#   make test   every test; integration tests on a real broker (see tests/conftest.py)
+#   make test   every test, in two processes; integration tests on a real broker (see tests/conftest.py)
 #   make bench  the quick benchmark suite (bench/README.md); BENCH_ARGS=--full for the long one
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Two pytest-xdist workers, a test file each at a time: the fault suite (collected first, see
+# tests/conftest.py) on one, every other file beside it. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 BENCH_ARGS ?=
 QUIX_VENV ?= .venv-quix
 
@@ -16,7 +19,7 @@ up: $(BIN)/rtcbus
 	$(BIN)/rtcbus up
 
 test: $(BIN)/rtcbus
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(BIN)/rtcbus $(QUIX_VENV)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'

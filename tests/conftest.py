@@ -114,11 +114,53 @@ def stack(kafka: KafkaBroker, tmp_path: Path) -> Iterator[Stack]:
     stack.stop_all()
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+# -- the session's summaries, also from pytest-xdist workers ----------------------------------
+# `make test` runs two xdist workers (the fault suite on one, the rest beside it), and a
+# worker's own terminal summary is never shown. So every summary is a section, collected at the
+# end of the session: written by the process that ran it, or by the controller from what its
+# workers sent back (``workeroutput``). CI reads two of them: "Kafka for the tests:" and
+# "fault suite:".
+SECTIONS = pytest.StashKey[list[tuple[str, list[str]]]]()
+# Plugins, registered by name at run time, that have ``summary() -> (title, lines) | None``.
+SUMMARY_PLUGINS = ("rtcbus-fault-report", "rtcbus-fuzz-report")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fault suite first: it is the longest file, so under xdist (``--dist loadfile
+    --no-loadscope-reorder``) it starts at once on one worker while the other runs the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("faults") is None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    sections = config.stash.setdefault(SECTIONS, [])
     report = config.stash.get(KAFKA_REPORT, None)
     if report is not None:
-        terminalreporter.write_sep("-", "kafka")
-        terminalreporter.write_line(report)
+        sections.append(("kafka", [report]))
+    for name in SUMMARY_PLUGINS:
+        plugin = config.pluginmanager.get_plugin(name)
+        section = plugin.summary() if plugin is not None else None
+        if section is not None:
+            sections.append(section)
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller prints them
+        workeroutput["rtcbus_sections"] = [[title, lines] for title, lines in sections]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist's controller: keep what a worker sent back for the terminal summary."""
+    sections = node.config.stash.setdefault(SECTIONS, [])
+    for title, lines in getattr(node, "workeroutput", {}).get("rtcbus_sections", []):
+        sections.append((title, list(lines)))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    for title, lines in config.stash.get(SECTIONS, []):
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 # -- provisioning ----------------------------------------------------------------------------

@@ -869,20 +869,25 @@ class FaultReport:
         }
         self.path.write_text(json.dumps(payload, indent=2) + "\n")
 
-    def pytest_terminal_summary(self, terminalreporter) -> None:
+    def summary(self) -> tuple[str, list[str]] | None:
+        """The suite's table, for the session's summary (tests/conftest.py prints it)."""
         if not self.cases:
-            return
-        write = terminalreporter.write_line
-        terminalreporter.write_sep("-", f"fault suite ({self.path})")
-        header = f"{'case':<34} {'sent':>6} {'200':>6} {'once':>6} {'dup':>4} {'lost':>5} {'dlq':>4} {'recov s':>8} {'time s':>7}  result"
-        write(header)
+            return None
+        lines = [
+            f"{'case':<34} {'sent':>6} {'200':>6} {'once':>6} {'dup':>4} {'lost':>5} {'dlq':>4} {'recov s':>8} {'time s':>7}  result"
+        ]
         for c in self.cases.values():
             def cell(v, width):
                 return f"{'-' if v is None else v:>{width}}"
-            write(
+            lines.append(
                 f"{c.case[:34]:<34} {cell(c.sent, 6)} {cell(c.answered_200, 6)} {cell(c.delivered_once, 6)} "
                 f"{cell(c.duplicated, 4)} {cell(c.lost, 5)} {cell(c.dead_letters, 4)} "
                 f"{cell(c.recovery_s, 8)} {c.duration_s:>7.1f}  {c.outcome}"
                 + (f": {c.failure.splitlines()[0][:140]}" if c.failure else "")
             )
-        write(f"fault suite: {time.monotonic() - self.started:.0f} s since the first case started")
+        ran = sum(c.duration_s or 0 for c in self.cases.values())
+        lines.append(
+            f"fault suite: {len(self.cases)} cases, {ran:.0f} s in the cases, "
+            f"{time.monotonic() - self.started:.0f} s from the first case to the end of the session"
+        )
+        return f"fault suite ({self.path})", lines

@@ -85,15 +85,13 @@ class FuzzReport:
 
         return run
 
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+    def summary(self) -> tuple[str, list[str]] | None:
+        """Inputs per test, for the session's summary (tests/conftest.py prints it)."""
         if not self.inputs:
-            return
-        terminalreporter.write_sep("-", "fuzz inputs")
-        for name, count in sorted(self.inputs.items()):
-            terminalreporter.write_line(f"{name}: {count} inputs in {self.seconds[name]:.1f} s")
-        terminalreporter.write_line(
-            f"total: {sum(self.inputs.values())} inputs in {sum(self.seconds.values()):.1f} s"
-        )
+            return None
+        lines = [f"{name}: {count} inputs in {self.seconds[name]:.1f} s" for name, count in sorted(self.inputs.items())]
+        lines.append(f"total: {sum(self.inputs.values())} inputs in {sum(self.seconds.values()):.1f} s")
+        return "fuzz inputs", lines
 
 
 REPORT = FuzzReport()
