@@ -73,6 +73,31 @@ class EncodingError(CallbackError):
     """A validated event could not be encoded to, or decoded from, Avro."""
 
 
+class BadRecord(CallbackError):
+    """A domain record a subscriber cannot decode or validate into its EventType's model.
+
+    Raised ``from`` the cause, with the record's coordinates (``topic``, ``partition``,
+    ``offset``) and, from its headers, ``event_type`` and ``event_id``.
+
+    Attributes:
+        key, value, headers: the record as read, so that a caller can keep it (a log line,
+            a dead-letter store of its own).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        event_type: str | None = None,
+        event_id: str | None = None,
+        key: bytes | None = None,
+        value: bytes | None = None,
+        headers: tuple[tuple[str, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message, event_type=event_type, event_id=event_id)
+        self.key, self.value, self.headers = key, value, headers
+
+
 class InfrastructureError(RtcbusError):
     """A service the work depends on (Kafka, the Schema Registry) failed or is unreachable.
 

@@ -68,6 +68,8 @@ class EventModels:
         self._models = {
             name: self._record_model(schemas[name].schema) for name in schemas.event_types
         }
+        if UNKNOWN_EVENT in schemas:  # for readers of the unknown topic: record_model(UNKNOWN_EVENT)
+            self._record_model(schemas[UNKNOWN_EVENT].schema)
 
     def __getitem__(self, event_type: str) -> type[BaseModel]:
         return self._models[event_type]
