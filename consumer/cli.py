@@ -126,6 +126,51 @@ def kafka_status(ctx: typer.Context) -> None:
     typer.echo(f"bootstrap servers: {kafka.bootstrap_servers}")
 
 
+# -- rtcbus registry -------------------------------------------------------------------------
+
+
+def registry_start(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Port on 127.0.0.1 (env RTCBUS_REGISTRY_PORT); default 8081.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for /health/ready.")] = 60.0,
+) -> None:
+    """Start the local Schema Registry (Apicurio, in-memory) on 127.0.0.1; print its client URL."""
+    from consumer.registry import LocalRegistry
+
+    settings = _settings(ctx, registry_port=port)
+    registry = LocalRegistry(settings)
+    started = time.monotonic()
+    url = registry.start(timeout_s=timeout)
+    typer.echo(
+        f"Apicurio Registry {settings.registry_version} is up ({time.monotonic() - started:.1f} s); "
+        f"log {registry.log_file}",
+        err=True,
+    )
+    typer.echo(url)
+
+
+def registry_stop(
+    ctx: typer.Context,
+    timeout: Annotated[float, typer.Option(help="Seconds it gets to shut down before it is killed.")] = 30.0,
+) -> None:
+    """Stop the local Schema Registry; its schemas (in memory) are gone with it."""
+    from consumer.registry import LocalRegistry
+
+    if LocalRegistry(_settings(ctx)).stop(timeout_s=timeout):
+        typer.echo("Stopped the local Schema Registry.")
+    else:
+        typer.echo("The local Schema Registry is not running.")
+
+
+def registry_status(ctx: typer.Context) -> None:
+    """Show whether the local Schema Registry runs, where, and its log."""
+    from consumer.registry import LocalRegistry
+
+    status = LocalRegistry(_settings(ctx)).status()
+    state = f"running (pid {status.pid})" if status.pid is not None else "not running"
+    typer.echo(f"Schema Registry: {state}  {status.url}\n  log {status.log_file}")
+
+
 # -- rtcbus topics ---------------------------------------------------------------------------
 
 
@@ -181,6 +226,76 @@ def schemas_list(ctx: typer.Context) -> None:
     for row in rows:
         typer.echo("  ".join(f"{v:<{w}}" for v, w in zip(row, widths)) + f"  {row[4]}")
     typer.echo(f"{len(rows)} EventTypes in {len({row[1] for row in rows})} domains")
+
+
+def _compatibility_level(value: str) -> str:
+    from consumer.compatibility import LEVELS
+
+    if value.upper() not in LEVELS:
+        raise typer.BadParameter(f"{value}: one of {', '.join(LEVELS)}")
+    return value.upper()
+
+
+_CONTRACT_HELP = "A folder of .avsc files instead of the contract (avro/), e.g. a released one."
+
+
+def schemas_register(
+    ctx: typer.Context,
+    schema_registry_url: Annotated[str | None, typer.Option(help="(env RTCBUS_SCHEMA_REGISTRY_URL)")] = None,
+    compatibility: Annotated[
+        str | None,
+        typer.Option(help="Also set each subject's compatibility level, e.g. BACKWARD; default: leave it."),
+    ] = None,
+    contract_dir: Annotated[Path | None, typer.Option("--contract", exists=True, file_okay=False, help=_CONTRACT_HELP)] = None,
+) -> None:
+    """Register every EventType's schema under the subject the routers write it with."""
+    from consumer import compatibility as compat
+    from consumer.schemas import SchemaSet, contract
+
+    level = None if compatibility is None else _compatibility_level(compatibility)
+    settings = _settings(ctx, schema_registry_url=schema_registry_url)
+    found = compat.subjects(settings, SchemaSet.load(contract_dir) if contract_dir else contract())
+    ids = compat.register(compat.registry_client(settings), found, level)
+    width = max(len(subject.name) for subject in found)
+    for subject in found:
+        typer.echo(f"{subject.name:<{width}}  id {ids[subject.name]}")
+    typer.echo(f"{len(found)} subjects registered" + (f", compatibility {level}" if level else ""))
+
+
+def schemas_check(
+    ctx: typer.Context,
+    schema_registry_url: Annotated[str | None, typer.Option(help="(env RTCBUS_SCHEMA_REGISTRY_URL)")] = None,
+    compatibility: Annotated[
+        str, typer.Option(help="The level each schema must meet against the registered one (it is set on the subject).")
+    ] = "BACKWARD",
+    contract_dir: Annotated[Path | None, typer.Option("--contract", exists=True, file_okay=False, help=_CONTRACT_HELP)] = None,
+) -> None:
+    """For each EventType: may its schema follow what the registry holds? Exit 1 if any may not.
+
+    The verdict is the registry's; the fields named for an incompatible schema are found by
+    comparing the two schemas here, since the registry names none.
+    """
+    from consumer import compatibility as compat
+    from consumer.schemas import SchemaSet, contract
+
+    level = _compatibility_level(compatibility)
+    settings = _settings(ctx, schema_registry_url=schema_registry_url)
+    found = compat.subjects(settings, SchemaSet.load(contract_dir) if contract_dir else contract())
+    verdicts = compat.check(compat.registry_client(settings), found, level)
+    widths = (max(len(v.subject.event_type) for v in verdicts), max(len(v.subject.name) for v in verdicts))
+    typer.echo(f"{'EventType':<{widths[0]}}  {'subject':<{widths[1]}}  verdict")
+    for verdict in verdicts:
+        why = "; ".join(verdict.fields) if verdict.fields else (
+            "no field found by comparison; see the registry" if verdict.state == "incompatible" else ""
+        )
+        typer.echo(
+            f"{verdict.subject.event_type:<{widths[0]}}  {verdict.subject.name:<{widths[1]}}  "
+            f"{verdict.state}{'  ' + why if why else ''}"
+        )
+    counts = {state: sum(v.state == state for v in verdicts) for state in ("compatible", "incompatible", "new")}
+    typer.echo(", ".join(f"{n} {state}" for state, n in counts.items() if n) + f" ({level})")
+    if counts["incompatible"]:
+        raise typer.Exit(1)
 
 
 # -- rtcbus router / tail / up -----------------------------------------------------------------
@@ -247,6 +362,10 @@ def up(
     shim_port: Annotated[int | None, typer.Option(help="(env RTCBUS_SHIM_PORT)")] = None,
     commit_interval_ms: Annotated[int | None, typer.Option(help="(env RTCBUS_COMMIT_INTERVAL_MS)")] = None,
     dedupe_window_s: Annotated[float | None, typer.Option(help="(env RTCBUS_DEDUPE_WINDOW_S)")] = None,
+    registry: Annotated[
+        bool,
+        typer.Option("--registry", help="Also the local Schema Registry; shim and router write the Confluent wire format to it."),
+    ] = False,
 ) -> None:
     """Run everything: local Kafka (unless bootstrap servers are given), topics, shim, router."""
     from consumer.stack import up as bring_up
@@ -259,7 +378,7 @@ def up(
         commit_interval_ms=commit_interval_ms,
         dedupe_window_s=dedupe_window_s,
     )
-    raise typer.Exit(bring_up(settings, typer.echo))
+    raise typer.Exit(bring_up(settings, typer.echo, registry=registry))
 
 
 # -- rtcbus shim / send ---------------------------------------------------------------------
@@ -460,6 +579,12 @@ kafka_app.command("stop")(kafka_stop)
 kafka_app.command("status")(kafka_status)
 app.add_typer(kafka_app, name="kafka")
 
+registry_app = typer.Typer(no_args_is_help=True, help="The local Schema Registry (Apicurio), for development and tests.")
+registry_app.command("start")(registry_start)
+registry_app.command("stop")(registry_stop)
+registry_app.command("status")(registry_status)
+app.add_typer(registry_app, name="registry")
+
 topics_app = typer.Typer(no_args_is_help=True, help="rtcbus's Kafka topics.")
 topics_app.command("create")(topics_create)
 topics_app.command("list")(topics_list)
@@ -467,6 +592,8 @@ app.add_typer(topics_app, name="topics")
 
 schemas_app = typer.Typer(no_args_is_help=True, help="The Avro contract.")
 schemas_app.command("list")(schemas_list)
+schemas_app.command("register")(schemas_register)
+schemas_app.command("check")(schemas_check)
 app.add_typer(schemas_app, name="schemas")
 
 app.command("router")(router)

@@ -27,7 +27,7 @@ import fastavro
 from fastavro.read import SchemaResolutionError
 
 from consumer.errors import EncodingError, InfrastructureError
-from consumer.schemas import SchemaSet
+from consumer.schemas import EventSchema, SchemaSet
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 _HEADER_LENGTH = len(SINGLE_OBJECT_MAGIC) + 8
@@ -141,6 +141,22 @@ def _optional_records(parsed: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(found)
 
 
+def subject_name_strategy():
+    """The subject naming of the Confluent wire format: ``TopicRecordNameStrategy``
+    (``<topic>-<record full name>``), because one domain topic carries several record types."""
+    from confluent_kafka.schema_registry import topic_record_subject_name_strategy
+
+    return topic_record_subject_name_strategy
+
+
+def subject_name(schema: EventSchema, topic: str) -> str:
+    """The subject :class:`ConfluentCodec` registers ``schema`` under when it writes to ``topic``."""
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    # fastavro's parsed schema carries the full name, as the serializer reads it.
+    return subject_name_strategy()(SerializationContext(topic, MessageField.VALUE), schema.parsed["name"])
+
+
 class ConfluentCodec:
     """Confluent Schema Registry framing with ``TopicRecordNameStrategy``.
 
@@ -156,10 +172,7 @@ class ConfluentCodec:
         registry_url: str,
         registry_config: Mapping[str, Any] | None = None,
     ) -> None:
-        from confluent_kafka.schema_registry import (
-            SchemaRegistryClient,
-            topic_record_subject_name_strategy,
-        )
+        from confluent_kafka.schema_registry import SchemaRegistryClient
         from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
         # new_client() also understands ``mock://``, confluent-kafka's in-memory registry.
@@ -168,7 +181,7 @@ class ConfluentCodec:
         )
         conf = {
             "auto.register.schemas": True,
-            "subject.name.strategy": topic_record_subject_name_strategy,
+            "subject.name.strategy": subject_name_strategy(),
         }
         self._serializers = {
             name: AvroSerializer(self.registry, schema.schema_json, conf=conf)

@@ -107,3 +107,7 @@ class InfrastructureError(RtcbusError):
 
 class KafkaLaunchError(RtcbusError):
     """The local Kafka could not be provisioned, started or stopped."""
+
+
+class RegistryLaunchError(RtcbusError):
+    """The local Schema Registry could not be provisioned, started or stopped."""

@@ -134,6 +134,15 @@ class Settings(BaseSettings):
     local_port: int = Field(9092, ge=1, le=65535, description="First port of the local Kafka.")
     brokers: int = Field(1, ge=1, le=5, description="Brokers in the local Kafka cluster.")
 
+    # -- the embedded local Schema Registry ------------------------------------------------------
+    registry_version: str = Field(
+        "2.6.13.Final",
+        description="Apicurio Registry version of the local Schema Registry (2.x: 3.x needs Java 21).",
+    )
+    registry_port: int = Field(
+        8081, ge=1, le=65535, description="Port of the local Schema Registry on 127.0.0.1."
+    )
+
     # -- callbacks: signature -------------------------------------------------------------------
     secrets: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Active callback secrets, comma-separated (rotation)."

@@ -1,6 +1,7 @@
 """``rtcbus up``: the whole product on one machine, on the embedded default.
 
-Starts the local Kafka unless ``bootstrap_servers`` is set, creates the topics, and runs the
+Starts the local Kafka unless ``bootstrap_servers`` is set (and, asked to, the local Schema
+Registry, writing the Confluent wire format to it), creates the topics, and runs the
 shim and the router as two child processes (``rtcbus shim``, ``rtcbus router``), so that
 each has a core and an event loop of its own. Ctrl-C (or SIGTERM) stops the children
 gracefully, then the Kafka it started; the data stays for the next ``up``.
@@ -25,8 +26,11 @@ from consumer.kafka.launcher import LocalKafka
 from consumer.settings import Settings
 
 
-def up(settings: Settings, echo: Callable[[str], None]) -> int:
+def up(settings: Settings, echo: Callable[[str], None], *, registry: bool = False) -> int:
     """Bring everything up and block until a signal or a child's death; returns an exit code.
+
+    With ``registry``, the local Schema Registry (:class:`consumer.registry.LocalRegistry`) is
+    started too, and the shim and router are given ``wire_format=confluent`` and its URL.
 
     Without secrets (and without ``unsigned``) it generates one, so the shim it runs always
     checks signatures unless told not to.
@@ -41,10 +45,26 @@ def up(settings: Settings, echo: Callable[[str], None]) -> int:
     if not settings.bootstrap_servers:
         kafka = LocalKafka(settings)
         settings = settings.model_copy(update={"bootstrap_servers": kafka.start()})
+    local_registry = None
+    if registry:
+        from consumer.registry import LocalRegistry
+
+        local_registry = LocalRegistry(settings)
+        # One that `rtcbus registry start` left running is used, and left running.
+        stop_registry = local_registry.status().pid is None
+        try:
+            url = local_registry.start()
+        except BaseException:
+            if kafka is not None:
+                kafka.stop()
+            raise
+        settings = settings.model_copy(update={"wire_format": "confluent", "schema_registry_url": url})
     ensure_topics(settings)
 
     # Shown once, on the operator's own terminal, because the sender must be configured with it.
     echo(f"Kafka:        {settings.bootstrap_servers}")
+    if local_registry is not None:
+        echo(f"Registry:     {settings.schema_registry_url} (Confluent wire format)")
     echo(f"Callback URL: http://{settings.shim_host}:{settings.shim_port}/callbacks")
     if settings.unsigned:
         echo("Secret:       none: RTCBUS_UNSIGNED is set, callbacks are NOT authenticated")
@@ -81,6 +101,8 @@ def up(settings: Settings, echo: Callable[[str], None]) -> int:
         for command, code in zip(("shim", "router"), codes):
             if code not in clean:
                 echo(f"rtcbus {command} exited with status {code}")
+        if local_registry is not None and stop_registry:
+            local_registry.stop()
         if kafka is not None:
             kafka.stop()
         for signum, handler in previous.items():
@@ -109,5 +131,8 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "COMMIT_INTERVAL_MS": settings.commit_interval_ms,
         "DEDUPE_WINDOW_S": settings.dedupe_window_s,
         "HOME": settings.home,
+        "WIRE_FORMAT": settings.wire_format,
     }
+    if settings.schema_registry_url:
+        values["SCHEMA_REGISTRY_URL"] = settings.schema_registry_url
     return {f"RTCBUS_{key}": str(value) for key, value in values.items()}

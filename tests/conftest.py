@@ -9,6 +9,9 @@ The ``kafka`` fixture provides a broker, the first of:
 
 A broker that cannot be provisioned fails every test that needs one; it never skips them.
 How the broker was provisioned is reported at the end of the run.
+
+The ``schema_registry`` fixture provides a Schema Registry the same way: ``SCHEMA_REGISTRY_URL``,
+else the local Apicurio (``consumer.registry``); it fails, never skips, when there is none.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from kafka_helpers import free_ports
 from support import Stack
 
 KAFKA_REPORT = pytest.StashKey[str]()
+REGISTRY_REPORT = pytest.StashKey[str]()
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,51 @@ def kafka(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         f"ready in {time.monotonic() - started:.1f} s"
     )
     yield broker
+    stop()
+
+
+@dataclass(frozen=True)
+class SchemaRegistry:
+    """The session's Schema Registry (Confluent API)."""
+
+    url: str
+    """What a ``SchemaRegistryClient`` is given, e.g. ``http://127.0.0.1:<port>/apis/ccompat/v7``."""
+    source: str
+
+
+@pytest.fixture(scope="session")
+def schema_registry(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SchemaRegistry]:
+    """A real Schema Registry for the session: ``SCHEMA_REGISTRY_URL`` if set, else the local
+    Apicurio (``consumer.registry``) on a free port, its jars in the usual cache. Shared by every
+    test: name subjects with a topic prefix of the test's own, never assert the whole list."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    from consumer.registry import LocalRegistry
+
+    started = time.monotonic()
+    stop: Callable[[], object] = lambda: None
+    try:
+        if os.environ.get("SCHEMA_REGISTRY_URL"):
+            registry = SchemaRegistry(os.environ["SCHEMA_REGISTRY_URL"], "SCHEMA_REGISTRY_URL")
+        else:
+            settings = load_settings(registry_port=free_ports(1))
+            local = LocalRegistry(settings, run_dir=tmp_path_factory.mktemp("registry"))
+            try:
+                url = local.start()
+            except Exception:
+                local.stop()  # one that started but was not ready must not outlive the run
+                raise
+            registry = SchemaRegistry(url, f"local Apicurio Registry {settings.registry_version}")
+            stop = local.stop
+        SchemaRegistryClient({"url": registry.url, "timeout": 10}).get_subjects()
+    except Exception as exc:  # any reason at all: the run must fail, saying why
+        stop()
+        pytest.fail(f"no Schema Registry for the tests: {exc}", pytrace=False)
+    request.config.stash[REGISTRY_REPORT] = (
+        f"Schema Registry for the tests: {registry.source} at {registry.url}, "
+        f"ready in {time.monotonic() - started:.1f} s"
+    )
+    yield registry
     stop()
 
 
@@ -138,6 +187,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     report = config.stash.get(KAFKA_REPORT, None)
     if report is not None:
         sections.append(("kafka", [report]))
+    registry_report = config.stash.get(REGISTRY_REPORT, None)
+    if registry_report is not None:
+        sections.append(("schema registry", [registry_report]))
     for name in SUMMARY_PLUGINS:
         plugin = config.pluginmanager.get_plugin(name)
         section = plugin.summary() if plugin is not None else None

@@ -3,6 +3,7 @@ through readers that are not the project's codec."""
 
 import io
 import json
+import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.codec import ConfluentCodec, SingleObjectCodec
+from consumer.codec import ConfluentCodec, SingleObjectCodec, subject_name
 from consumer.envelope import SignatureVerifier, parse_envelope, sign
 from consumer.errors import EncodingError
 from consumer.events import Source, models
@@ -119,8 +120,15 @@ def ids_only(example) -> bytes:
     return signed_callback(replace(example, event_data=kept))
 
 
+@pytest.fixture(scope="module")
+def registry_codec(schema_registry):
+    """A :class:`ConfluentCodec` on the session's real registry, and a topic of this module's
+    own (subjects are ``<topic>-<record>``, so no other test's subjects are touched)."""
+    return ConfluentCodec(contract(), schema_registry.url), f"test.codec.{uuid.uuid4().hex[:10]}"
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: f"{e.event_type}-{e.version}")
-def test_a_record_of_nulls_picks_the_null_branches_in_both_wire_formats(example):
+def test_a_record_of_nulls_picks_the_null_branches_in_both_wire_formats(example, registry_codec):
     name, record = models().to_record(parse_envelope(ids_only(example)), Source("raw", 0, 1))
     nulls = [k for k, v in record["EventData"].items() if v is None]
     assert nulls  # every EventType has details, and they were left out
@@ -130,20 +138,32 @@ def test_a_record_of_nulls_picks_the_null_branches_in_both_wire_formats(example)
     data = single.encode(name, record)
     assert data[10:] == plain.getvalue()
     assert single.decode(data)["EventData"] == record["EventData"]
-    confluent = ConfluentCodec(contract(), "mock://null-branches")
-    assert confluent.decode(confluent.encode(name, record, "t"), "t")["EventData"] == record["EventData"]
+    confluent, topic = registry_codec
+    assert confluent.decode(confluent.encode(name, record, topic), topic)["EventData"] == record["EventData"]
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: f"{e.event_type}-{e.version}")
-def test_example_round_trips_through_the_schema_registry_framing(example):
-    codec = ConfluentCodec(contract(), "mock://contract-tests")
+def test_example_round_trips_through_the_schema_registry_framing(example, registry_codec):
+    codec, topic = registry_codec
     name, record = models().to_record(parse_envelope(signed_callback(example)))
-    data = codec.encode(name, record, "rtc.events.test")
+    data = codec.encode(name, record, topic)
     assert data[:1] == b"\x00"
-    decoded = codec.decode(data, "rtc.events.test")
+    decoded = codec.decode(data, topic)
     assert_carries(decoded["EventData"], example.event_data, "EventData", decoded["ExtraFields"])
-    # TopicRecordNameStrategy: one subject per topic and record type.
-    assert codec.registry.get_subjects() == [f"rtc.events.test-rtcbus.{name}"]
+    # TopicRecordNameStrategy: one subject per topic and record type, holding this schema.
+    subject = subject_name(contract()[name], topic)
+    assert subject == f"{topic}-rtcbus.{name}"
+    latest = codec.registry.get_latest_version(subject)
+    assert str(latest.schema_id) == codec.schema_id(name, topic) == str(int.from_bytes(data[1:5], "big"))
+
+
+def test_mock_registry_framing_still_works_for_unit_tests():
+    # The in-memory registry stays for pure unit tests (the property test below): it agrees
+    # with the real one on the framing and the subject naming.
+    codec = ConfluentCodec(contract(), f"mock://{uuid.uuid4().hex}")
+    name, record = models().to_record(parse_envelope(signed_callback(EXAMPLES[0])))
+    assert codec.decode(codec.encode(name, record, "t"), "t")["EventId"] == "evt-1"
+    assert codec.registry.get_subjects() == [subject_name(contract()[name], "t")]
 
 
 def test_unknown_event_type_becomes_a_generic_record():
