@@ -215,7 +215,7 @@ def _unreadable(
     if isinstance(reader, list):
         if any(not _unreadable(branch, writer, path, dict(reader_named), dict(writer_named), writer_label) for branch in reader):
             return []
-        return [f"{where}: type {_describe(writer)} is not among {_describe(reader)}"]
+        return [f"{where}: type {_describe(writer)} in {writer_label} is not among {_describe(reader)}"]
     reader_kind, writer_kind = _kind(reader), _kind(writer)
     if reader_kind == "record" and writer_kind == "record":
         written = {field["name"]: field for field in writer["fields"]}
@@ -241,4 +241,4 @@ def _unreadable(
         return _unreadable(reader["values"], writer["values"], f"{path}{{}}", reader_named, writer_named, writer_label)
     if reader_kind in _PROMOTIONS.get(writer_kind, {writer_kind}):
         return []
-    return [f"{where}: type changed from {_describe(writer)} to {_describe(reader)}"]
+    return [f"{where}: type {_describe(writer)} in {writer_label} cannot be read as {_describe(reader)}"]

@@ -161,7 +161,7 @@ def test_a_type_change_is_named_with_both_types():
     room = next(f for f in data["fields"] if f["name"] == "RoomId")
     room["type"] = "long"
     assert incompatible_fields(old, new, "BACKWARD") == [
-        "EventData.RoomId: type changed from string to long"
+        "EventData.RoomId: type string in the registered schema cannot be read as long"
     ]
     # int → long is a promotion Avro readers make; long → int is not.
     old_int, new_long = _user_leave_room(), _user_leave_room()
@@ -170,5 +170,14 @@ def test_a_type_change_is_named_with_both_types():
         next(f for f in data["fields"] if f["name"] == "RoomId")["type"] = kind
     assert incompatible_fields(old_int, new_long, "BACKWARD") == []
     assert incompatible_fields(old_int, new_long, "FORWARD") == [
-        "EventData.RoomId: type changed from long to int"
+        "EventData.RoomId: type long in the new schema cannot be read as int"
     ]
+
+
+def test_a_required_field_made_optional_is_backward_but_not_forward_compatible():
+    # What avro/history/v1 → avro/ did: old readers cannot read the null a new writer may write.
+    old = json.loads(json.dumps(dict(SchemaSet.load(AVRO / "history" / "v1")["UserLeaveRoom"].schema)))
+    assert incompatible_fields(old, _user_leave_room(), "BACKWARD") == []
+    assert "EventData.Reason: type null in the new schema cannot be read as string" in incompatible_fields(
+        old, _user_leave_room(), "FORWARD"
+    )
