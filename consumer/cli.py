@@ -298,6 +298,32 @@ def schemas_check(
         raise typer.Exit(1)
 
 
+# -- rtcbus asyncapi ---------------------------------------------------------------------------
+
+
+def asyncapi(
+    ctx: typer.Context,
+    output_format: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+) -> None:
+    """Print the topics, records, keys and headers as an AsyncAPI 3.0 document."""
+    import json
+
+    import yaml
+
+    from consumer.asyncapi import to_asyncapi
+    from consumer.kafka.config import bootstrap_servers
+
+    if output_format not in ("yaml", "json"):
+        raise typer.BadParameter(f"{output_format!r} is neither yaml nor json", param_hint="--format")
+    settings = _settings(ctx)
+    settings = settings.model_copy(update={"bootstrap_servers": bootstrap_servers(settings)})
+    document = to_asyncapi(settings)
+    if output_format == "json":
+        typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100), nl=False)
+
+
 # -- rtcbus router / tail / up -----------------------------------------------------------------
 
 
@@ -602,6 +628,7 @@ app.command("up")(up)
 app.command("shim")(shim)
 app.command("send")(send)
 app.command("audit")(audit)
+app.command("asyncapi")(asyncapi)
 
 quarantine_app = typer.Typer(no_args_is_help=True, help="Callbacks refused for their signature, kept for a redrive.")
 quarantine_app.command("redrive")(quarantine_redrive)
