@@ -114,3 +114,13 @@ def test_every_example_routed_in_the_confluent_wire_format_decodes_from_the_regi
     # TopicRecordNameStrategy: a subject per topic and record type, on this stack's topics.
     ours = {s for s in client.get_subjects() if s.startswith(f"{stack.prefix}.")}
     assert ours == {f"{table.route(e.event_type).topic}-rtcbus.{e.event_type}" for e in sent.values()}
+
+
+def test_up_with_the_registry_hands_the_children_the_confluent_format_and_its_url():
+    from consumer.stack import _child_env
+
+    url = url_of(8081)
+    env = _child_env(load_settings(wire_format="confluent", schema_registry_url=url))
+    assert env["RTCBUS_WIRE_FORMAT"] == "confluent" and env["RTCBUS_SCHEMA_REGISTRY_URL"] == url
+    plain = _child_env(load_settings())
+    assert plain["RTCBUS_WIRE_FORMAT"] == "single-object" and "RTCBUS_SCHEMA_REGISTRY_URL" not in plain
