@@ -37,6 +37,7 @@ from consumer.envelope import (
     HEADER_SOURCE_TOPIC,
     HEADER_TRUNCATED,
     HEADER_VERSION,
+    KEY_FALLBACK,
     KEY_FIELDS,
     REQUIRED_FIELDS,
     SIGNATURE_FIELDS,
@@ -55,8 +56,6 @@ AVRO_CONTENT_TYPE = "avro/binary"
 # codec.subject_name_strategy() (confluent-kafka's topic_record_subject_name_strategy), by the
 # name the Java serdes and the Kafka binding use for it; the subjects themselves come from the codec.
 CONFLUENT_LOOKUP_STRATEGY = "TopicRecordNameStrategy"
-# After the key fields, partition_key falls back to the envelope's AppId, then its EventId.
-_KEY_FALLBACK = ("AppId", "EventId")
 
 # Channel ids of the topics that are no domain's.
 RAW_CHANNEL = "callbacks.raw"
@@ -299,7 +298,7 @@ def _messages(settings: Settings, schemas: SchemaSet, routing: RoutingTable) -> 
     for name, schema in schemas.items():
         data_fields = schema.data_fields
         key_fields = [f"EventData.{field}" for field in KEY_FIELDS if field in data_fields]
-        key_fields += list(_KEY_FALLBACK)
+        key_fields += list(KEY_FALLBACK)
         message: dict[str, Any] = {
             "name": name,
             "title": name,
@@ -316,7 +315,7 @@ def _messages(settings: Settings, schemas: SchemaSet, routing: RoutingTable) -> 
             message["x-rtcbus-fingerprint"] = schema.fingerprint.hex()
         messages[name] = message
 
-    raw_key = _key([*KEY_FIELDS, *_KEY_FALLBACK])
+    raw_key = _key([*KEY_FIELDS, *KEY_FALLBACK])
     envelope = {
         "type": "object",
         "description": "The callback envelope; EventData is a JSON string (or, from some senders, an object).",

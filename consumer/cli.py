@@ -209,7 +209,7 @@ def topics_list(ctx: typer.Context) -> None:
 
 def schemas_list(ctx: typer.Context) -> None:
     """Show every EventType: its domain, topic, key field and schema fingerprint."""
-    from consumer.envelope import KEY_FIELDS
+    from consumer.envelope import KEY_FALLBACK, KEY_FIELDS
     from consumer.routing import RoutingTable
     from consumer.schemas import contract
 
@@ -219,7 +219,7 @@ def schemas_list(ctx: typer.Context) -> None:
     for event_type in table.event_types:
         route = table.route(event_type)
         fields = schemas[event_type].data_fields
-        key = next((field for field in KEY_FIELDS if field in fields), "AppId")
+        key = next((field for field in KEY_FIELDS if field in fields), KEY_FALLBACK[0])
         rows.append((event_type, route.domain, route.topic, key, schemas[event_type].fingerprint.hex()))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     typer.echo("  ".join(f"{h:<{w}}" for h, w in zip(("EventType", "domain", "topic", "key"), widths)) + "  fingerprint")

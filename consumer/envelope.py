@@ -28,6 +28,8 @@ _ENVELOPE_FIELDS = REQUIRED_FIELDS + SIGNATURE_FIELDS
 _REQUIRED = frozenset(REQUIRED_FIELDS)
 # Fields tried in order for the record key; the envelope's AppId and EventId come last.
 KEY_FIELDS = ("RoomId", "PublicStreamId", "TaskId")
+# Where none of KEY_FIELDS is in EventData, the key is the first of these envelope fields.
+KEY_FALLBACK = ("AppId", "EventId")
 # How far EventTime may be from the time a signed callback is received (see SignatureVerifier).
 DEFAULT_SKEW_S = 300.0
 
@@ -404,7 +406,7 @@ def partition_key(event_data: Mapping[str, object], app_id: str, event_id: str) 
         text = str(value)
         if _lone_surrogate(text) is None:
             return text
-    return app_id or event_id
+    return app_id or event_id  # KEY_FALLBACK
 
 
 # -- JSON as the protocol means it ---------------------------------------------------------------
