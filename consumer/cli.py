@@ -137,6 +137,7 @@ def registry_start(
     """Start the local Schema Registry (Apicurio, in-memory) on 127.0.0.1; print its client URL."""
     from consumer.registry import LocalRegistry
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness polls
     settings = _settings(ctx, registry_port=port)
     registry = LocalRegistry(settings)
     started = time.monotonic()
@@ -252,6 +253,7 @@ def schemas_register(
     from consumer import compatibility as compat
     from consumer.schemas import SchemaSet, contract
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per registry request
     level = None if compatibility is None else _compatibility_level(compatibility)
     settings = _settings(ctx, schema_registry_url=schema_registry_url)
     found = compat.subjects(settings, SchemaSet.load(contract_dir) if contract_dir else contract())
@@ -278,6 +280,7 @@ def schemas_check(
     from consumer import compatibility as compat
     from consumer.schemas import SchemaSet, contract
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per registry request
     level = _compatibility_level(compatibility)
     settings = _settings(ctx, schema_registry_url=schema_registry_url)
     found = compat.subjects(settings, SchemaSet.load(contract_dir) if contract_dir else contract())
