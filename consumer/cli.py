@@ -567,6 +567,38 @@ def audit(
     raise typer.Exit(report.exit_code)
 
 
+# -- rtcbus replay ---------------------------------------------------------------------------
+
+
+def replay(
+    ctx: typer.Context,
+    since: Annotated[str, typer.Option("--from", help="First raw timestamp to replay: RFC 3339 or epoch ms.")],
+    until: Annotated[str, typer.Option("--until", help="Last raw timestamp to replay, inclusive: RFC 3339 or epoch ms.")],
+    to_prefix: Annotated[str, typer.Option(help="The topic prefix to write to; its topics are created if need be.")],
+    types: Annotated[str | None, typer.Option(help="Only these EventTypes, comma-separated; the others are skipped.")] = None,
+) -> None:
+    """Re-derive the domain records of a time range of raw into another topic prefix, exactly once.
+
+    Interrupted, run it again with the same arguments: it resumes where it stopped.
+    """
+    from consumer import audit as auditing
+    from consumer import replay as replaying
+
+    try:
+        since_ms, until_ms = auditing.parse_time(since), auditing.parse_time(until)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if until_ms < since_ms:
+        raise typer.BadParameter("--until is before --from", param_hint="--until")
+    event_types = None if types is None else [name.strip() for name in types.split(",") if name.strip()]
+    settings = _settings(ctx)
+    with auditing.progress_bar() as on_progress:
+        summary = replaying.replay(
+            settings, since_ms, until_ms, to_prefix=to_prefix, event_types=event_types, on_progress=on_progress
+        )
+    typer.echo(summary.describe())
+
+
 # -- rtcbus quarantine -----------------------------------------------------------------------
 
 
@@ -631,6 +663,7 @@ app.command("up")(up)
 app.command("shim")(shim)
 app.command("send")(send)
 app.command("audit")(audit)
+app.command("replay")(replay)
 app.command("asyncapi")(asyncapi)
 
 quarantine_app = typer.Typer(no_args_is_help=True, help="Callbacks refused for their signature, kept for a redrive.")
