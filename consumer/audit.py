@@ -34,6 +34,8 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from consumer.envelope import (
     HEADER_ERROR_CLASS,
+    HEADER_ERROR_FIELD,
+    HEADER_ERROR_MESSAGE,
     HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TOPIC,
@@ -70,6 +72,7 @@ class RawRecord:
     at: Coordinates
     timestamp_ms: int
     event_id: str | None
+    key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,8 @@ class DeadLetter:
     at: Coordinates
     source: Coordinates
     error_class: str = ""
+    message: str = ""
+    field: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +197,55 @@ def _ids(findings: Iterable[Finding]) -> list[str]:
     return sorted({finding.event_id for finding in findings if finding.event_id is not None})
 
 
+@dataclass(frozen=True, slots=True)
+class Fate:
+    """What became of one raw record, and the record that shows it.
+
+    ``kind`` is ``routed`` (``output`` names it as its Source), ``dead_lettered``
+    (``dead_letter`` names it), ``pending`` (at or past the router group's committed offset),
+    ``duplicate`` (``output`` was routed from another raw record of its EventId), or ``lost``.
+    """
+
+    kind: str
+    output: OutputRecord | None = None
+    dead_letter: DeadLetter | None = None
+
+
+class Matcher:
+    """Matches raw records with what the router wrote: the audit's rule, for one record at a time."""
+
+    def __init__(self, observed: Observed) -> None:
+        self._committed = observed.committed
+        self._routed: dict[Coordinates, OutputRecord] = {}
+        for output in observed.outputs:
+            self._routed.setdefault(output.source, output)
+        self._dead: dict[Coordinates, DeadLetter] = {}
+        for letter in observed.dead_letters:
+            self._dead.setdefault(letter.source, letter)
+        self._outputs_of: dict[str, list[OutputRecord]] = defaultdict(list)
+        for output in observed.outputs:
+            self._outputs_of[output.event_id].append(output)
+
+    def outputs_of(self, event_id: str | None) -> Sequence[OutputRecord]:
+        """Every domain/unknown record of ``event_id``."""
+        return self._outputs_of.get(event_id, ()) if event_id is not None else ()
+
+    def fate(self, record: RawRecord) -> Fate:
+        """What became of ``record``."""
+        if record.at in self._routed:
+            return Fate("routed", output=self._routed[record.at])
+        if record.at in self._dead:
+            return Fate("dead_lettered", dead_letter=self._dead[record.at])
+        if record.at.offset >= max(self._committed.get(record.at.partition, 0), 0):
+            return Fate("pending")
+        copies = self.outputs_of(record.event_id)
+        if copies:
+            # The router drops a copy its partition routed before: name that one if it was read.
+            earlier = [o for o in copies if o.source.partition == record.at.partition and o.source < record.at]
+            return Fate("duplicate", output=(earlier or list(copies))[0])
+        return Fate("lost")
+
+
 def compare(observed: Observed, expected: Sequence[str] | None = None) -> AuditReport:
     """Compare raw with the outputs.
 
@@ -201,25 +255,14 @@ def compare(observed: Observed, expected: Sequence[str] | None = None) -> AuditR
             raw, and have exactly one domain/unknown record or a DLQ record.
     """
     in_range = {record.at for record in observed.raw}
-    routed_from = {output.source for output in observed.outputs}
-    dead_from = {letter.source for letter in observed.dead_letters}
-    outputs_of: dict[str, list[OutputRecord]] = defaultdict(list)
-    for output in observed.outputs:
-        outputs_of[output.event_id].append(output)
+    matcher = Matcher(observed)
 
     fates: Counter[str] = Counter()
     lost: list[Finding] = []
     for record in observed.raw:
-        committed = max(observed.committed.get(record.at.partition, 0), 0)
-        if record.at in routed_from:
-            fates["routed"] += 1
-        elif record.at in dead_from:
-            fates["dead_lettered"] += 1
-        elif record.at.offset >= committed:
-            fates["pending"] += 1
-        elif record.event_id in outputs_of:
-            fates["duplicates_dropped"] += 1
-        else:
+        kind = matcher.fate(record).kind
+        fates[kind] += 1
+        if kind == "lost":
             why = "no output record for its EventId" if record.event_id else "body does not parse"
             lost.append(_finding("lost", record.event_id, record.at, f"{why}, and no DLQ record at {record.at}"))
 
@@ -237,8 +280,8 @@ def compare(observed: Observed, expected: Sequence[str] | None = None) -> AuditR
         for event_id in dict.fromkeys(expected):
             if event_id not in in_raw:
                 lost.append(Finding("lost", event_id, None, None, "answered 200, not in raw"))
-            elif len(outputs_of.get(event_id, ())) > 1 and event_id not in named:
-                duplicated.append(_duplicate(event_id, outputs_of[event_id]))
+            elif len(matcher.outputs_of(event_id)) > 1 and event_id not in named:
+                duplicated.append(_duplicate(event_id, matcher.outputs_of(event_id)))
             # No output and no dead letter: its raw records are already lost or pending above.
 
     return AuditReport(
@@ -246,7 +289,7 @@ def compare(observed: Observed, expected: Sequence[str] | None = None) -> AuditR
         event_ids=len({record.event_id for record in observed.raw if record.event_id is not None}),
         routed=fates["routed"],
         dead_lettered=fates["dead_lettered"],
-        duplicates_dropped=fates["duplicates_dropped"],
+        duplicates_dropped=fates["duplicate"],
         pending=fates["pending"],
         lost=tuple(lost),
         duplicated=tuple(duplicated),
@@ -359,8 +402,12 @@ def read_pipeline(
     group_id: str,
     settle_timeout_s: float = 60.0,
     on_progress: ProgressListener | None = None,
+    outputs_since_ms: int | None = None,
 ) -> Observed:
     """Read the raw topic over ``window`` and every output whole, with ``read_committed``.
+
+    ``outputs_since_ms`` reads the outputs only from their first record timestamped at or
+    after it (the router's clock), instead of whole.
 
     After every partition reached its end, waits up to ``settle_timeout_s`` for each output
     partition's end (the last stable offset) to reach its high watermark: a killed router's
@@ -391,6 +438,10 @@ def read_pipeline(
     if window.since_ms is not None:
         found = _list_offsets(admin, raw, OffsetSpec.for_timestamp(window.since_ms))
         starts.update({tp: highs[tp] if offset < 0 else offset for tp, offset in found.items()})  # -1: none that recent
+    if outputs_since_ms is not None:
+        outputs = [tp for tp in partitions if tp[0] != raw_topic]
+        found = _list_offsets(admin, outputs, OffsetSpec.for_timestamp(outputs_since_ms))
+        starts.update({tp: highs[tp] if offset < 0 else offset for tp, offset in found.items()})
 
     consumer = _consumer(settings, f"rtcbus-audit-{uuid.uuid4().hex[:12]}", {"enable.partition.eof": "true"})
     try:
@@ -517,7 +568,7 @@ class _Collector:
         if at.topic == self._raw_topic:
             timestamp = message.timestamp()[1]
             if timestamp in self._window:
-                self.raw.append(RawRecord(at, timestamp, _event_id(message.value())))
+                self.raw.append(RawRecord(at, timestamp, _event_id(message.value()), message.key()))
         elif at.topic == self._dlq_topic:
             self._add_dead_letter(at, message)
         else:
@@ -550,8 +601,12 @@ class _Collector:
         except (KeyError, ValueError, AttributeError):
             self.unreadable.append(Unreadable(at, "DLQ record without valid rtcbus.source.* headers"))
             return
-        error_class = (headers.get(HEADER_ERROR_CLASS) or b"").decode("utf-8", "replace")
-        self.dead_letters.append(DeadLetter(at, source, error_class))
+        def text(name: str) -> str:
+            return (headers.get(name) or b"").decode("utf-8", "replace")
+
+        self.dead_letters.append(
+            DeadLetter(at, source, text(HEADER_ERROR_CLASS), text(HEADER_ERROR_MESSAGE), text(HEADER_ERROR_FIELD))
+        )
 
     def to_observed(self, committed: Mapping[int, int], unsettled: Sequence[str]) -> Observed:
         return Observed(

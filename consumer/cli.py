@@ -268,7 +268,11 @@ def schemas_check(
     ctx: typer.Context,
     schema_registry_url: Annotated[str | None, typer.Option(help="(env RTCBUS_SCHEMA_REGISTRY_URL)")] = None,
     compatibility: Annotated[
-        str, typer.Option(help="The level each schema must meet against the registered one (it is set on the subject).")
+        str,
+        typer.Option(
+            help="The level each schema must meet against the registered one; a subject at "
+            "another level is set to it first (the registry judges by the subject's own)."
+        ),
     ] = "BACKWARD",
     contract_dir: Annotated[Path | None, typer.Option("--contract", exists=True, file_okay=False, help=_CONTRACT_HELP)] = None,
 ) -> None:
@@ -297,6 +301,10 @@ def schemas_check(
         )
     counts = {state: sum(v.state == state for v in verdicts) for state in ("compatible", "incompatible", "new")}
     typer.echo(", ".join(f"{n} {state}" for state, n in counts.items() if n) + f" ({level})")
+    changed = [v for v in verdicts if v.level_was is not None]
+    if changed:
+        was = ", ".join(sorted({v.level_was or "" for v in changed}))
+        typer.echo(f"set the compatibility level of {len(changed)} subjects to {level} (was {was})")
     if counts["incompatible"]:
         raise typer.Exit(1)
 
@@ -599,6 +607,99 @@ def replay(
     typer.echo(summary.describe())
 
 
+# -- rtcbus find ------------------------------------------------------------------------------
+
+
+def find(
+    ctx: typer.Context,
+    event_id: Annotated[str | None, typer.Option(help="The EventId to trace.")] = None,
+    room: Annotated[str | None, typer.Option(help="Trace every event of this RoomId (the raw record's key).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="First raw timestamp to look at: RFC 3339 or epoch ms; default: raw's retention ago.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Last raw timestamp to look at: RFC 3339 or epoch ms; default: now.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Events shown at most (with --room).")] = 20,
+    settle_timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for open transactions to end.")] = 15.0,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object instead of lines.")] = False,
+) -> None:
+    """An event's whole lineage: its raw records, what the router made of each, any quarantine record.
+
+    Exit 0 when something was found, 1 when nothing was, 2 if it cannot tell.
+    """
+    from consumer import audit as auditing
+    from consumer import find as finding
+
+    if (event_id is None) == (room is None):
+        raise typer.BadParameter("give --event-id or --room, one of them")
+    try:
+        since_ms = None if since is None else auditing.parse_time(since)
+        until_ms = None if until is None else auditing.parse_time(until)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    # Exit status 1 means "not found" here, so a failure to look at all is 2, as for audit.
+    try:
+        settings = _settings(ctx)
+        query = finding.Query(event_id=event_id, room=room, window=finding.window(settings, since_ms, until_ms))
+        with auditing.progress_bar() as on_progress:
+            report = finding.find(settings, query, limit=limit, settle_timeout_s=settle_timeout, on_progress=on_progress)
+    except RtcbusError as exc:
+        typer.echo(f"rtcbus: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KafkaException as exc:
+        typer.echo(f"rtcbus: Kafka error: {exc.args[0].str()}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(finding.to_json(report) if json_output else finding.to_text(report))
+    raise typer.Exit(report.exit_code)
+
+
+# -- rtcbus dlq -------------------------------------------------------------------------------
+
+
+def dlq_list(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object instead of the table.")] = False,
+) -> None:
+    """Count the dead letters by error class and field; their time range and an example of each kind."""
+    from consumer import dlq
+
+    listing = dlq.list_dlq(_settings(ctx))
+    typer.echo(dlq.to_json(listing) if json_output else listing.describe())
+
+
+def dlq_redrive(
+    ctx: typer.Context,
+    error: Annotated[
+        list[str] | None,
+        typer.Option("--error", help="Only dead letters of this error class (rtcbus.error.class); repeat for more."),
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="Only dead letters written at or after: RFC 3339 or epoch ms.")] = None,
+    until: Annotated[str | None, typer.Option(help="Only dead letters written at or before: RFC 3339 or epoch ms.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Transform and report; write and commit nothing.")] = False,
+) -> None:
+    """Run dead letters through the current transform into their domain topics, exactly once.
+
+    Records that still fail are reported, not dead-lettered again; a later redrive finds them.
+    """
+    from consumer import audit as auditing
+    from consumer import dlq
+    from consumer.router.transform import Transform
+
+    try:
+        window = auditing.TimeRange(
+            since_ms=None if since is None else auditing.parse_time(since),
+            until_ms=None if until is None else auditing.parse_time(until),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings = _settings(ctx)
+    with auditing.progress_bar() as on_progress:
+        summary = dlq.redrive(
+            settings, Transform.from_settings(settings), error_classes=error or (), window=window,
+            dry_run=dry_run, on_progress=on_progress,
+        )
+    typer.echo(summary.describe())
+
+
 # -- rtcbus quarantine -----------------------------------------------------------------------
 
 
@@ -665,6 +766,12 @@ app.command("send")(send)
 app.command("audit")(audit)
 app.command("replay")(replay)
 app.command("asyncapi")(asyncapi)
+app.command("find")(find)
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Records the router could not process, kept for a redrive.")
+dlq_app.command("list")(dlq_list)
+dlq_app.command("redrive")(dlq_redrive)
+app.add_typer(dlq_app, name="dlq")
 
 quarantine_app = typer.Typer(no_args_is_help=True, help="Callbacks refused for their signature, kept for a redrive.")
 quarantine_app.command("redrive")(quarantine_redrive)

@@ -49,6 +49,8 @@ class Verdict:
     fields: tuple[str, ...] = ()
     """For ``incompatible``: each field at fault with why, e.g. ``EventData.Reason: added
     without a default``; computed here, not by the registry."""
+    level_was: str | None = None
+    """When the check set the subject's level (it differed from the one asked): the level before."""
 
 
 def subjects(settings: Any, schemas: SchemaSet) -> list[Subject]:
@@ -102,11 +104,13 @@ def register(client: Any, found: Iterable[Subject], level: str | None = None) ->
     return ids
 
 
-def check(client: Any, found: Iterable[Subject], level: str) -> list[Verdict]:
-    """Whether each schema may follow the latest version of its subject under ``level``.
+def check(client: Any, found: Iterable[Subject], level: str | None = None) -> list[Verdict]:
+    """Whether each schema may follow the latest version of its subject under ``level``
+    (None: under the subject's own level).
 
-    The registry judges by the subject's own compatibility level, so this sets it to
-    ``level`` first (the registry then enforces that level on later versions too).
+    The registry judges by the subject's own compatibility level, so when ``level`` differs
+    from it, it is set on the subject first (the registry then enforces it on later versions
+    too; the verdict's ``level_was`` says so). A subject already at ``level`` is not written to.
 
     Raises:
         InfrastructureError: the registry failed or is unreachable.
@@ -125,17 +129,32 @@ def check(client: Any, found: Iterable[Subject], level: str) -> list[Verdict]:
                 continue
             raise InfrastructureError(f"{subject.name}: the Schema Registry failed: {exc}") from exc
         try:
-            client.set_compatibility(subject.name, level)
+            own = _level_of(client, subject.name)
+            level_was = own if level is not None and level != own else None
+            if level_was is not None:
+                client.set_compatibility(subject.name, level)
             compatible = client.test_compatibility(subject.name, candidate)
         except SchemaRegistryError as exc:
             raise InfrastructureError(f"{subject.name}: the Schema Registry failed: {exc}") from exc
         if compatible:
-            verdicts.append(Verdict(subject, "compatible"))
+            verdicts.append(Verdict(subject, "compatible", level_was=level_was))
         else:
             registered = json.loads(latest.schema.schema_str)
-            fields = incompatible_fields(registered, dict(subject.schema.schema), level)
-            verdicts.append(Verdict(subject, "incompatible", tuple(fields)))
+            fields = incompatible_fields(registered, dict(subject.schema.schema), level or own)
+            verdicts.append(Verdict(subject, "incompatible", tuple(fields), level_was))
     return verdicts
+
+
+def _level_of(client: Any, subject: str) -> str:
+    """The level the registry judges ``subject`` by: its own, else the registry's default."""
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    try:
+        return client.get_compatibility(subject)
+    except SchemaRegistryError as exc:
+        if exc.http_status_code != 404:
+            raise
+        return client.get_compatibility()
 
 
 # -- which fields make two schemas incompatible -------------------------------------------------

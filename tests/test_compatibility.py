@@ -181,3 +181,19 @@ def test_a_required_field_made_optional_is_backward_but_not_forward_compatible()
     assert "EventData.Reason: type null in the new schema cannot be read as string" in incompatible_fields(
         old, _user_leave_room(), "FORWARD"
     )
+
+
+def test_check_sets_a_subjects_level_only_when_it_differs_and_says_so(schemas, schema_registry):
+    registry_client = SchemaRegistryClient({"url": schema_registry.url, "timeout": 10})
+    registered = schemas("register", "--compatibility", "FORWARD", contract=RELEASED)
+    assert registered.exit_code == 0, registered.output
+
+    first = schemas("check")
+    assert first.exit_code == 0, first.output
+    assert "to BACKWARD (was FORWARD)" in first.output, first.output
+    subject = next(line.split()[1] for line in first.output.splitlines()[1:] if " compatible" in line)
+    assert registry_client.get_compatibility(subject) == "BACKWARD"
+
+    again = schemas("check")
+    assert again.exit_code == 0, again.output
+    assert "set the compatibility level" not in again.output, again.output
