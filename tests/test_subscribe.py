@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from consumer.codec import ConfluentCodec, SingleObjectCodec
 from consumer.envelope import HEADER_EVENT_ID, HEADER_EVENT_TYPE, parse_envelope
@@ -230,16 +231,21 @@ def test_a_bad_record_raises_with_its_coordinates_or_goes_to_on_bad_record(kafka
     assert room.committed(group) == garbage + 2
 
 
-def test_the_confluent_wire_format(kafka):
-    # mock:// registries live in their client, so writer and subscriber share the codec here;
-    # the subscriber would otherwise build it from the settings, as the router does.
-    codec = ConfluentCodec(contract(), f"mock://{uuid.uuid4().hex}")
-    room = RoomTopic(kafka, codec)
+def test_the_confluent_wire_format_on_a_real_registry(kafka, schema_registry):
+    # The writer registers with a client of its own; the subscriber builds its codec from the
+    # settings, as a service would, and looks each writer schema up by the id in the frame.
+    writer = ConfluentCodec(contract(), schema_registry.url)
+    room = RoomTopic(kafka, writer)
     sent = [room.send("UserJoinRoom", "r1", "ann"), room.send("RoomDestroy", "r1")]
-    with Subscriber(room.settings, f"sub-{uuid.uuid4().hex}", domains=["room"], codec=codec) as subscriber:
+    settings = kafka.settings(topic_prefix=room.prefix, wire_format="confluent", schema_registry_url=schema_registry.url)
+    with Subscriber(settings, f"sub-{uuid.uuid4().hex}", domains=["room"]) as subscriber:
         deliveries = take(subscriber, 2)
     assert [d.event_id for d in deliveries] == sent
     assert [type(d.event).__name__ for d in deliveries] == ["UserJoinRoom", "RoomDestroy"]
+    assert deliveries[0].event.EventData.UserId == "ann"
+    # Each schema was registered in the registry under the subject the subscriber looked up.
+    subjects = SchemaRegistryClient({"url": schema_registry.url, "timeout": 10}).get_subjects()
+    assert {f"{room.topic}-rtcbus.UserJoinRoom", f"{room.topic}-rtcbus.RoomDestroy"} <= set(subjects)
 
 
 def test_the_asyncio_variant_does_not_block_the_loop_and_commits_on_close(kafka):
