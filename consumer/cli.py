@@ -352,21 +352,33 @@ def router(
             help="Transactions (default), or flush-then-commit, which a crash can duplicate (env RTCBUS_EXACTLY_ONCE).",
         ),
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=64,
+            help="Group members to run, one process each, for one core each (env RTCBUS_ROUTER_PROCESSES); "
+            "member i serves its probes on metrics port + i.",
+        ),
+    ] = None,
 ) -> None:
     """Route raw callbacks to the domain topics, exactly once, until SIGTERM or Ctrl-C."""
     from consumer.router import run_router
+    from consumer.router.processes import run_processes
 
-    run_router(
-        _settings(
-            ctx,
-            instance_id=instance_id,
-            commit_interval_ms=commit_interval_ms,
-            dedupe_window_s=dedupe_window_s,
-            metrics_host=metrics_host,
-            metrics_port=metrics_port,
-            exactly_once=exactly_once,
-        )
+    settings = _settings(
+        ctx,
+        instance_id=instance_id,
+        commit_interval_ms=commit_interval_ms,
+        dedupe_window_s=dedupe_window_s,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        exactly_once=exactly_once,
+        router_processes=processes,
     )
+    if settings.router_processes == 1:
+        run_router(settings)
+    else:
+        raise typer.Exit(run_processes(settings, settings.router_processes))
 
 
 def tail(

@@ -241,6 +241,10 @@ class Settings(BaseSettings):
         120.0, gt=0,
         description="/healthz fails when the routing loop has not made a pass for this long.",
     )
+    router_processes: int = Field(
+        1, ge=1, le=64,
+        description="Router group members `rtcbus router` runs, one process each (ports metrics_port + i).",
+    )
 
     # -- contract -------------------------------------------------------------------------------------
     routes: dict[str, str] = Field(
