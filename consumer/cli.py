@@ -596,6 +596,7 @@ def replay(
     until: Annotated[str, typer.Option("--until", help="Last raw timestamp to replay, inclusive: RFC 3339 or epoch ms.")],
     to_prefix: Annotated[str, typer.Option(help="The topic prefix to write to; its topics are created if need be.")],
     types: Annotated[str | None, typer.Option(help="Only these EventTypes, comma-separated; the others are skipped.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000, help="Raw records per transaction.")] = 500,
 ) -> None:
     """Re-derive the domain records of a time range of raw into another topic prefix, exactly once.
 
@@ -614,7 +615,8 @@ def replay(
     settings = _settings(ctx)
     with auditing.progress_bar() as on_progress:
         summary = replaying.replay(
-            settings, since_ms, until_ms, to_prefix=to_prefix, event_types=event_types, on_progress=on_progress
+            settings, since_ms, until_ms, to_prefix=to_prefix, event_types=event_types, on_progress=on_progress,
+            batch_size=batch_size,
         )
     typer.echo(summary.describe())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 import uuid
@@ -17,11 +18,11 @@ from collections import Counter, defaultdict
 from types import SimpleNamespace
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumer.envelope import HEADER_EVENT_ID, HEADER_EVENT_TYPE
 from consumer.replay import replay
-from support import RTCBUS, Stack, callback, decode_single_object, read_topic
+from support import RTCBUS, Stack, callback, decode_single_object, read_topic, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -175,4 +176,51 @@ def test_an_interrupted_replay_resumes_exactly_once(routed):
         replayed = by_room(bootstrap, f"{prefix}.events.{domain}")
         assert replayed == originals(routed, domain), domain
         assert all(count == 1 for count in Counter(e for ids in replayed.values() for e in ids).values())
+    assert len(read_topic(bootstrap, f"{prefix}.callbacks.dlq")) == 1
+
+
+def replay_committed(routed, prefix: str) -> int:
+    """Raw offsets of the range the replay group into ``prefix`` has committed."""
+    consumer = Consumer({"bootstrap.servers": routed.stack.bootstrap, "group.id": f"{routed.stack.group}-replay-{prefix}"})
+    try:
+        partitions = [TopicPartition(routed.stack.raw_topic, p, routed.since) for p in range(3)]
+        starts = {tp.partition: tp.offset for tp in consumer.offsets_for_times(partitions, timeout=10)}
+        committed = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in partitions], timeout=10)
+        return sum(tp.offset - starts[tp.partition] for tp in committed if tp.offset >= 0)
+    finally:
+        consumer.close()
+
+
+def test_a_replay_sigkilled_mid_range_resumes_exactly_once(routed):
+    """The process is killed between two of its transactions, with one perhaps open: the broker
+    aborts that one when the next run's producer (the same transactional.id) starts."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("RTCBUS_")}
+    for _attempt in range(3):  # bounded: a run that ends before the kill proves nothing, try again
+        prefix = f"r{uuid.uuid4().hex[:10]}"
+        process = subprocess.Popen(
+            [RTCBUS, "replay", "--from", str(routed.since), "--until", str(routed.until), "--to-prefix", prefix,
+             "--batch-size", "1"],
+            env={**environment, **routed.stack.env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for(lambda: process.poll() is not None or replay_committed(routed, prefix) > 0, 90,
+                     "the replay's first committed transaction", every_s=0.01)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+        killed_at = replay_committed(routed, prefix)
+        if killed_at < 65:  # 65 raw offsets in the range: killed mid-way
+            break
+    else:
+        pytest.fail("three replays finished before they could be killed")
+    assert killed_at > 0, process.stderr.read().decode(errors="replace")[-2000:]
+
+    result = run_replay(routed, prefix)
+    assert result.returncode == 0, result.stderr
+    resumed = int(re.search(r"resumed: (\d+) raw offsets", result.stdout).group(1))
+    assert resumed == killed_at  # exactly what had been committed before the kill
+    bootstrap = routed.stack.bootstrap
+    for domain in ("room", "stream"):
+        replayed = by_room(bootstrap, f"{prefix}.events.{domain}")
+        assert replayed == originals(routed, domain), domain  # each once, in order per room
     assert len(read_topic(bootstrap, f"{prefix}.callbacks.dlq")) == 1
