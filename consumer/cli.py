@@ -542,6 +542,20 @@ def send(
 # -- rtcbus audit ----------------------------------------------------------------------------
 
 
+def _time_range(since: str | None, until: str | None) -> Any:
+    """``--since``/``--until`` (RFC 3339 or epoch ms, each optional) as a TimeRange."""
+    from consumer.audit import TimeRange, parse_time
+
+    try:
+        return TimeRange(
+            since_ms=None if since is None else parse_time(since),
+            until_ms=None if until is None else parse_time(until),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+
 def audit(
     ctx: typer.Context,
     since: Annotated[str | None, typer.Option(help="First raw timestamp to audit: RFC 3339 or epoch ms; default: the beginning.")] = None,
@@ -557,13 +571,7 @@ def audit(
     """Compare raw with every output: lost, duplicated, out of order. Exit 1 on any, 2 if it cannot tell."""
     from consumer import audit as auditing
 
-    try:
-        window = auditing.TimeRange(
-            since_ms=None if since is None else auditing.parse_time(since),
-            until_ms=None if until is None else auditing.parse_time(until),
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    window = _time_range(since, until)
     expected = auditing.read_expected(expect) if expect else None
     # Exit status 1 means findings here, so a failure to audit at all is 2, said as elsewhere.
     try:
@@ -645,15 +653,11 @@ def find(
 
     if (event_id is None) == (room is None):
         raise typer.BadParameter("give --event-id or --room, one of them")
-    try:
-        since_ms = None if since is None else auditing.parse_time(since)
-        until_ms = None if until is None else auditing.parse_time(until)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    window = _time_range(since, until)
     # Exit status 1 means "not found" here, so a failure to look at all is 2, as for audit.
     try:
         settings = _settings(ctx)
-        query = finding.Query(event_id=event_id, room=room, window=finding.window(settings, since_ms, until_ms))
+        query = finding.Query(event_id=event_id, room=room, window=finding.window(settings, window.since_ms, window.until_ms))
         with auditing.progress_bar() as on_progress:
             report = finding.find(settings, query, limit=limit, settle_timeout_s=settle_timeout, on_progress=on_progress)
     except RtcbusError as exc:
@@ -698,13 +702,7 @@ def dlq_redrive(
     from consumer import dlq
     from consumer.router.transform import Transform
 
-    try:
-        window = auditing.TimeRange(
-            since_ms=None if since is None else auditing.parse_time(since),
-            until_ms=None if until is None else auditing.parse_time(until),
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    window = _time_range(since, until)
     settings = _settings(ctx)
     with auditing.progress_bar() as on_progress:
         summary = dlq.redrive(

@@ -12,9 +12,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -64,6 +66,28 @@ def callback(
     }
     fields["Signature"] = sign(fields.values(), secret)
     return json.dumps(fields).encode()
+
+
+@contextmanager
+def running(router, join_timeout_s: float = 60) -> Iterator[list[BaseException]]:
+    """``router.run`` in a thread for the ``with`` block; yields the list of what it raised,
+    for the caller to check. At the end the router is stopped and its thread joined."""
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            router.run(stop)
+        except BaseException as exc:  # the caller's assertions report it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield errors
+    finally:
+        stop.set()
+        thread.join(join_timeout_s)
+        assert not thread.is_alive(), "the router did not stop"
 
 
 class RtcbusProcess:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 from collections import Counter
 
 import pytest
@@ -24,7 +23,7 @@ from consumer.router import Router
 from consumer.router.transform import Transform
 from consumer.schemas import SchemaSet, contract, contract_dir
 from consumer.settings import load_settings
-from support import RTCBUS, Stack, callback, read_topic
+from support import RTCBUS, Stack, callback, read_topic, running
 
 ROOM = "room-dlq"
 
@@ -49,22 +48,8 @@ def room_event_ids(stack: Stack) -> Counter:
 
 def route(stack: Stack, settings, transform: Transform) -> None:
     """Run a router with ``transform`` until it has committed the whole raw topic."""
-    router = Router(settings, transform=transform)
-    stop, errors = threading.Event(), []
-
-    def run() -> None:
-        try:
-            router.run(stop)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
+    with running(Router(settings, transform=transform)) as errors:
         stack.wait_caught_up(60)
-    finally:
-        stop.set()
-        thread.join(60)
     assert errors == []
 
 

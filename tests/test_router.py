@@ -17,7 +17,7 @@ from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, KafkaError, KafkaExceptio
 
 from consumer.envelope import HEADER_ERROR_CLASS, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_SOURCE_OFFSET
 from consumer.router import Router
-from support import Stack, callback, decode_single_object, read_topic, wait_for
+from support import Stack, callback, decode_single_object, read_topic, running, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -155,26 +155,13 @@ def test_a_commit_whose_answer_is_lost_is_not_redone_twice(kafka, tmp_path):
                 raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "no answer (test)", retriable=True))
 
     router = Router(settings, producer_factory=LosesItsFirstCommitAnswer)
-    stop = threading.Event()
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            router.run(stop)
-        except BaseException as exc:  # reported by the assertions below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
     def sample(name: str) -> float:
         return router.registry.get_sample_value(name) or 0.0
 
-    try:
+    with running(router) as errors:
         wait_for(lambda: errors or sample("rtcbus_router_resyncs_total") >= 1, 90, "a resync after the lost answer")
         stack.wait_caught_up()
-    finally:
-        stop.set()
-        thread.join(60)
     assert errors == []
     assert answers_lost.is_set()
     assert sample("rtcbus_router_producer_replacements_total") == 1

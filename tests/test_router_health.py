@@ -11,7 +11,7 @@ from confluent_kafka import Producer
 from consumer.router import Router
 from consumer.router.health import Health, serve_admin
 from kafka_helpers import free_ports
-from support import Stack, callback, wait_for
+from support import Stack, callback, running, wait_for
 
 
 class Clock:
@@ -108,34 +108,22 @@ def test_liveness_fails_while_a_commit_is_stuck_and_recovers_after(kafka, tmp_pa
     router = Router(settings, producer_factory=HangsInItsFirstCommit)
     server = serve_admin(router.health, router.registry, "127.0.0.1", 0)
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
+    with running(router) as errors:
         try:
-            router.run(stop)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        wait_for(lambda: errors or httpx.get(f"{base}/readyz").status_code == 200, 60, "ready")
-        assert httpx.get(f"{base}/healthz").status_code == 200
-        producer = Producer({"bootstrap.servers": stack.bootstrap})
-        body = callback("RoomCreate", {"RoomId": "r-stuck", "Timestamp": 1}, stack.secret, event_id="stuck-1")
-        producer.produce(stack.raw_topic, body, key=b"r-stuck")
-        assert producer.flush(30) == 0
-        wait_for(lambda: errors or held.is_set(), 60, "the commit to hang")
-        wait_for(lambda: errors or httpx.get(f"{base}/healthz").status_code == 503, 30, "/healthz to fail")
-        release.set()
-        wait_for(lambda: errors or httpx.get(f"{base}/healthz").status_code == 200, 60, "/healthz to recover")
-        assert not errors
-    finally:
-        release.set()
-        stop.set()
-        thread.join(60)
-        server.shutdown()
-        server.server_close()
-        stack.stop_all()
-    assert not thread.is_alive() and not errors
+            wait_for(lambda: errors or httpx.get(f"{base}/readyz").status_code == 200, 60, "ready")
+            assert httpx.get(f"{base}/healthz").status_code == 200
+            producer = Producer({"bootstrap.servers": stack.bootstrap})
+            body = callback("RoomCreate", {"RoomId": "r-stuck", "Timestamp": 1}, stack.secret, event_id="stuck-1")
+            producer.produce(stack.raw_topic, body, key=b"r-stuck")
+            assert producer.flush(30) == 0
+            wait_for(lambda: errors or held.is_set(), 60, "the commit to hang")
+            wait_for(lambda: errors or httpx.get(f"{base}/healthz").status_code == 503, 30, "/healthz to fail")
+            release.set()
+            wait_for(lambda: errors or httpx.get(f"{base}/healthz").status_code == 200, 60, "/healthz to recover")
+            assert not errors
+        finally:
+            release.set()
+            server.shutdown()
+            server.server_close()
+            stack.stop_all()
+    assert not errors
