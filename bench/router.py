@@ -78,6 +78,43 @@ def fill(settings: Settings, records: Sequence[RawRecord]) -> None:
         raise RuntimeError("the raw topic was not filled within 60 s")
 
 
+def fill_through_shim(settings: Settings, records: Sequence[RawRecord], connections: int = 32) -> None:
+    """Write ``records`` to the raw topic through the real shim (``bench.shim_bridge serve
+    bridge``: signature checks, 200 after acks=all) over HTTP, as production fills it: the
+    shim's headers, its batching under load, and the raw topic's LogAppendTime."""
+    import asyncio
+
+    from bench.shim_bridge import exchange, free_port, request_bytes, wait_until_healthy
+
+    port = free_port()
+    shim = subprocess.Popen([sys.executable, "-m", "bench.shim_bridge", "serve", "bridge", str(port),
+                             settings.bootstrap_servers, settings.topic_prefix])
+    try:
+        wait_until_healthy(port, shim)
+        requests = [request_bytes(port, record.body) for record in records]
+
+        async def post_all() -> list[str]:
+            async def connection(index: int) -> list[str]:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    return [await exchange(reader, writer, r) for r in requests[index::connections]]
+                finally:
+                    writer.close()
+
+            done = await asyncio.gather(*(connection(i) for i in range(connections)))
+            return [status for statuses in done for status in statuses]
+
+        statuses = asyncio.run(asyncio.wait_for(post_all(), 300))
+        refused = len(statuses) - statuses.count("200")
+        if refused:
+            raise RuntimeError(f"the shim answered {refused} of {len(statuses)} fill requests with other than 200")
+    finally:
+        terminate(shim)
+
+
+FILLS = {"producer": fill, "shim": fill_through_shim}
+
+
 def arm_settings(bootstrap: str, arm: Arm, commit_interval_ms: int = 100) -> Settings:
     """Fresh topics and group for one drain of ``arm``."""
     name = uuid.uuid4().hex[:8]
@@ -130,8 +167,11 @@ def drain(arm: Arm, settings: Settings, events: int, timeout_s: float) -> dict:
 
 
 def run(bootstrap: str, events: int, rounds: int, arms: Sequence[Arm] = ARMS,
-        records: Sequence[RawRecord] | None = None, timeout_s: float = 300) -> dict:
-    """The comparison: per arm, each round's figures, the median, and the ratios."""
+        records: Sequence[RawRecord] | None = None, timeout_s: float = 300, fill_via: str = "producer") -> dict:
+    """The comparison: per arm, each round's figures, the median, and the ratios.
+
+    ``fill_via``: ``producer`` (a producer writes raw as the shim would, fast) or ``shim``
+    (the real shim over HTTP: :func:`fill_through_shim`)."""
     records = records if records is not None else raw_records(events)
     warm_up(bootstrap, records)
     runs: dict[str, list[dict]] = {arm.name: [] for arm in arms}
@@ -145,12 +185,12 @@ def run(bootstrap: str, events: int, rounds: int, arms: Sequence[Arm] = ARMS,
                 continue
             settings = arm_settings(bootstrap, arm)
             ensure_topics(settings)
-            fill(settings, records)
+            FILLS[fill_via](settings, records)
             try:
                 runs[arm.name].append(drain(arm, settings, len(records), timeout_s))
             except RuntimeError as exc:
                 runs[arm.name].append({"error": str(exc)})
-    return summarize(runs, skipped, events=len(records), rounds=rounds)
+    return summarize(runs, skipped, events=len(records), rounds=rounds, fill=fill_via)
 
 
 def warm_up(bootstrap: str, records: Sequence[RawRecord]) -> None:
@@ -256,13 +296,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--arms", default=",".join(a.name for a in ARMS))
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
+    parser.add_argument("--fill", choices=sorted(FILLS), default="producer",
+                        help="how raw is filled before each drain: a producer, or the real shim over HTTP")
     args = parser.parse_args()
     from bench.broker import bench_kafka
 
     wanted = args.arms.split(",")
     with bench_kafka(args.bootstrap) as kafka:
         result = run(kafka.bootstrap_servers, args.events, args.rounds,
-                     [a for a in ARMS if a.name in wanted])
+                     [a for a in ARMS if a.name in wanted], fill_via=args.fill)
     print(json.dumps(result, indent=2))
 
 
