@@ -35,7 +35,7 @@ PROFILES = {
         "shim": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5},
         "shim_spool": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5,
                        "drain_records": 0},
-        "latency": {"rate": 200, "seconds": 2, "intervals": (100,)},
+        "latency": {"rate": 200, "seconds": 2, "intervals": (100,), "repeats": 1},
         "memory_s": 0,
     },
     "quick": {
@@ -46,7 +46,8 @@ PROFILES = {
         "shim": {"seconds": 3, "rounds": 2, "connections": (64, 256), "warmup_s": 1},
         "shim_spool": {"seconds": 5, "rounds": 1, "connections": (64,), "warmup_s": 1,
                        "drain_records": 20000},
-        "latency": {"rate": 2000, "seconds": 12, "intervals": (20, 100, 500)},
+        # repeats: runs at the default 100 ms interval; the p99 target must hold in every one.
+        "latency": {"rate": 2000, "seconds": 12, "intervals": (20, 100, 500), "repeats": 5},
         "memory_s": 0,
     },
     "full": {
@@ -57,7 +58,7 @@ PROFILES = {
         "shim": {"seconds": 10, "rounds": 3, "connections": (64, 256), "warmup_s": 2},
         "shim_spool": {"seconds": 10, "rounds": 2, "connections": (64, 256), "warmup_s": 2,
                        "drain_records": 50000},
-        "latency": {"rate": 2000, "seconds": 60, "intervals": (20, 100, 500, 1000)},
+        "latency": {"rate": 2000, "seconds": 60, "intervals": (20, 100, 500, 1000), "repeats": 5},
         "memory_s": 600,
     },
 }
@@ -105,6 +106,11 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
             str(interval): latency.run(bootstrap, lat["rate"], lat["seconds"], interval)
             for interval in lat["intervals"]
         }
+        # The default interval again, each run on fresh topics and processes: a tail that
+        # holds in one run only is not a tail that holds.
+        repeats = [runs["100"]] if "100" in runs else []
+        repeats += [latency.run(bootstrap, lat["rate"], lat["seconds"], 100)
+                    for _ in range(lat["repeats"] - len(repeats))]
         throughput = {}
         if sizes["intervals_drain"]:
             throughput = router.by_commit_interval(
@@ -113,7 +119,7 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
         eos = results.get("router", {}).get("arms", {}).get("rtcbus-eos", {})
         if "events_per_s" in eos:  # the 100 ms figure is the comparison's
             throughput["100"] = {"runs": eos["runs"], "events_per_s": eos["events_per_s"]}
-        return {"runs": runs, "throughput": throughput}
+        return {"runs": runs, "repeats_100": [_repeat(run) for run in repeats], "throughput": throughput}
 
     section("latency", latency_section)
     if sizes["memory_s"]:
@@ -129,6 +135,12 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
     )
     results["elapsed_s"] = time.monotonic() - started
     return results
+
+
+def _repeat(run: dict) -> dict:
+    """What a repeated latency run reports: its percentiles and its stages."""
+    keys = ("rate", "achieved_rate", "received", "p50_ms", "p99_ms", "max_ms", "stages_p50_ms", "stages_p99_ms")
+    return {key: run.get(key) for key in keys}
 
 
 def main() -> None:
