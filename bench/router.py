@@ -55,6 +55,8 @@ class Arm:
 ARMS = (
     Arm("rtcbus-eos", "rtcbus", {"exactly_once": True}),
     Arm("rtcbus-alo", "rtcbus", {"exactly_once": False}),
+    # rtcbus router --processes 2: scaling from one process to two on this machine's cores.
+    Arm("rtcbus-eos-2p", "members", {"exactly_once": True, "router_processes": 2}),
     Arm("passthrough", "passthrough"),
     Arm("textbook", "textbook"),
     Arm("quix", "quix"),
@@ -139,7 +141,8 @@ def drain(arm: Arm, settings: Settings, events: int, timeout_s: float) -> dict:
     overrides = {
         key: value for key, value in settings.model_dump(mode="json").items()
         if key in ("bootstrap_servers", "topic_prefix", "partitions", "group_id", "instance_id",
-                   "commit_interval_ms", "commit_max_records", "metrics_port", "exactly_once")
+                   "commit_interval_ms", "commit_max_records", "metrics_port", "exactly_once",
+                   "router_processes")
     }
     process = subprocess.Popen(
         [python, "-m", "bench.contender", arm.contender, json.dumps(overrides)]
@@ -239,6 +242,12 @@ def summarize(runs: dict[str, list[dict]], skipped: dict[str, str], **about) -> 
         for other in ("passthrough", "rtcbus-alo", "textbook", "quix"):
             if other in rate:
                 ratios[f"rtcbus-eos / {other}"] = rate["rtcbus-eos"] / rate[other]
+        if "rtcbus-eos-2p" in rate:
+            ratios["rtcbus-eos-2p / rtcbus-eos"] = rate["rtcbus-eos-2p"] / rate["rtcbus-eos"]
+    cpu = {n: a["cpu_us_per_event"] for n, a in arms.items() if a["status"] == "ok"}
+    if "rtcbus-eos" in cpu and cpu.get("textbook"):
+        # CPU per event, not events/s: the issue's "router µs per event vs the textbook's".
+        ratios["cpu per event rtcbus-eos / textbook"] = cpu["rtcbus-eos"] / cpu["textbook"]
     return {**about, "arms": arms, "ratios": ratios}
 
 
@@ -247,10 +256,21 @@ def _median(results: list[dict], key: str = "events_per_s") -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) of a process so far, from /proc: steadier than
-    events/s on a shared machine, since time the process waits for a core is not in it."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system, all threads) of a process and its live descendants so far,
+    from /proc: steadier than events/s on a shared machine, since time the process waits for
+    a core is not in it. Descendants: ``--processes`` runs its members as children."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0  # it has just exited
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children.update(int(child) for child in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return own + sum(cpu_seconds(child) for child in children)
 
 
 def _produced(consumer: Consumer, partitions: list[TopicPartition]) -> int:
