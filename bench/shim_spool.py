@@ -426,7 +426,9 @@ def drain(shim: ShimProcess, relay: Relay, timeout_s: float) -> dict:
         "drained": figures["depth"] == 0,
         "to_first_forward_s": None if first is None else first - opened,
         "seconds": ended - opened,
-        "records_per_s": forwarded / flowing_s if flowing_s > 0 else None,
+        # The first forward is seen only at a scrape: a spool that drained within one scrape
+        # interval of it has no measurable rate (it would divide by microseconds).
+        "records_per_s": forwarded / flowing_s if flowing_s >= METRICS_EVERY_S else None,
         "records_per_s_from_return": forwarded / (ended - opened),
     }
 
