@@ -32,6 +32,7 @@ PROFILES = {
         "floor": {"events": 200, "rounds": 1},
         "router": {"events": 300, "rounds": 1, "arms": ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook")},
         "intervals_drain": (),
+        "router_shim_fill": {"events": 200, "rounds": 1},
         "shim": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5},
         "shim_spool": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5,
                        "drain_records": 0},
@@ -43,6 +44,7 @@ PROFILES = {
         "floor": {"events": 3000, "rounds": 3},
         "router": {"events": 30000, "rounds": 2, "arms": tuple(a.name for a in router.ARMS)},
         "intervals_drain": (20, 500),
+        "router_shim_fill": {"events": 10000, "rounds": 2},
         "shim": {"seconds": 3, "rounds": 2, "connections": (64, 256), "warmup_s": 1},
         "shim_spool": {"seconds": 5, "rounds": 1, "connections": (64,), "warmup_s": 1,
                        "drain_records": 20000},
@@ -55,6 +57,7 @@ PROFILES = {
         "floor": {"events": 5000, "rounds": 5},
         "router": {"events": 100000, "rounds": 3, "arms": tuple(a.name for a in router.ARMS)},
         "intervals_drain": (20, 500, 1000),
+        "router_shim_fill": {"events": 30000, "rounds": 3},
         "shim": {"seconds": 10, "rounds": 3, "connections": (64, 256), "warmup_s": 2},
         "shim_spool": {"seconds": 10, "rounds": 2, "connections": (64, 256), "warmup_s": 2,
                        "drain_records": 50000},
@@ -97,6 +100,11 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
         return result
 
     section("router", router_section)
+    # The same two-way comparison with raw filled through the real shim over HTTP, as
+    # production fills it (the independent check of the router against the ceiling).
+    section("router_shim_fill", lambda: router.run(
+        bootstrap, sizes["router_shim_fill"]["events"], sizes["router_shim_fill"]["rounds"],
+        [a for a in router.ARMS if a.name in ("rtcbus-eos", "passthrough")], fill_via="shim"))
     section("shim", lambda: shim_bridge.run(bootstrap, **sizes["shim"]))
     section("shim_spool", lambda: shim_spool.run(bootstrap, **sizes["shim_spool"]))
 
