@@ -147,7 +147,8 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
 
 def _repeat(run: dict) -> dict:
     """What a repeated latency run reports: its percentiles and its stages."""
-    keys = ("rate", "achieved_rate", "received", "p50_ms", "p99_ms", "max_ms", "stages_p50_ms", "stages_p99_ms")
+    keys = ("rate", "achieved_rate", "received", "p50_ms", "p99_ms", "max_ms", "stages_p50_ms", "stages_p99_ms",
+            "cores_busy")
     return {key: run.get(key) for key in keys}
 
 

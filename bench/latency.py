@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer
 
-from bench.router import terminate
+from bench.router import cpu_seconds, terminate
 from bench.shim_bridge import exchange, free_port, request_bytes, wait_until_healthy
 from bench.workload import SECRET, draws
 from consumer.kafka.admin import ensure_topics
@@ -74,11 +75,20 @@ def run(bootstrap: str, rate: float, seconds: float, commit_interval_ms: int = 1
         reader.start()
         _warm_up(port, reader, router)
         sampler.start()
+        cpu_before = {"shim": cpu_seconds(shim.pid), "router": cpu_seconds(router.pid)}
+        busy_before, load_started = machine_busy_seconds(), time.monotonic()
         generator = subprocess.run(
             [sys.executable, "-m", "bench.latency", "load", str(port), str(rate), str(seconds),
              str(connections)],
             capture_output=True, text=True, timeout=seconds + 120, check=True,
         )
+        loaded_s = time.monotonic() - load_started
+        # Cores each process kept busy while the load ran, and the whole machine's: on 2 shared
+        # cores a tail is mostly queueing for a core, and this says whose work queued it.
+        cores = {name: (cpu_seconds(pid) - cpu_before[name]) / loaded_s
+                 for name, pid in (("shim", shim.pid), ("router", router.pid))}
+        cores["machine"] = (machine_busy_seconds() - busy_before) / loaded_s
+        cores["of"] = os.cpu_count()
         sent = json.loads(generator.stdout)
         deadline = time.monotonic() + 15
         while reader.count() < sent["ok"] and time.monotonic() < deadline:
@@ -98,9 +108,17 @@ def run(bootstrap: str, rate: float, seconds: float, commit_interval_ms: int = 1
         "cdf_ms": {f"{p:g}": _pct(latencies, p) for p in PERCENTILES},
         "stages_p50_ms": _stages(reader.stages_ms, 0.50),
         "stages_p99_ms": _stages(reader.stages_ms, 0.99),
+        "cores_busy": cores,
         "rss_mb": sampler.samples,
         "rss_flat": {proc: flat(samples) for proc, samples in sampler.samples.items()},
     }
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy (not idle or iowait), from /proc/stat."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def flat(samples: list[tuple[float, float]]) -> dict:

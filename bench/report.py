@@ -125,12 +125,18 @@ def tables(results: dict) -> str:
                 f"| {_ms(run['max_ms'])} | {'' if drain is None else f'{drain:,.0f}'} |")
         lines.append("")
     if latency.get("repeats_100"):
-        lines += ["| 100 ms commits, run | p50 ms | p99 ms | max ms | p99 POST → router produced ms | p99 produced → readable ms |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| 100 ms commits, run | p50 ms | p99 ms | max ms | p99 POST → router produced ms "
+                  "| p99 produced → readable ms | cores busy: shim / router / machine |",
+                  "|---:|---:|---:|---:|---:|---:|---|"]
         for n, run in enumerate(latency["repeats_100"], 1):
             stages = run.get("stages_p99_ms") or {}
+            cores = run.get("cores_busy") or {}
+            busy = " / ".join(f"{cores[k]:.2f}" for k in ("shim", "router", "machine") if k in cores)
+            if "of" in cores:
+                busy += f" of {cores['of']}"
             lines.append(f"| {n} | {_ms(run['p50_ms'])} | {_ms(run['p99_ms'])} | {_ms(run['max_ms'])} "
-                         f"| {_ms(stages.get('to_router_produce'))} | {_ms(stages.get('produce_to_readable'))} |")
+                         f"| {_ms(stages.get('to_router_produce'))} | {_ms(stages.get('produce_to_readable'))} "
+                         f"| {busy} |")
         lines.append("")
     memory = results.get("memory", {})
     if "rss_flat" in memory:
