@@ -51,7 +51,6 @@ from bench.workload import SECRET
 
 TOPIC_PREFIX = "bench"
 ARMS = ("bare", "no-kafka", "bridge", "per-report")
-TOOLS = Path(__file__).parent / "tools.sh"
 # Distinct signed bodies oha draws from; signed just before each run (the skew window is 5 min).
 BODIES = 5000
 
@@ -301,7 +300,7 @@ def run(bootstrap: str, seconds: float, rounds: int, connections: Sequence[int],
 
     binary = oha_path()
     if binary is None:
-        return {"status": f"not installed: oha (sh {TOOLS.relative_to(Path.cwd()) if TOOLS.is_relative_to(Path.cwd()) else TOOLS})"}
+        return {"status": "not installed: oha (sh bench/tools.sh builds it)"}
     version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
     ensure_topics(load_settings(bootstrap_servers=bootstrap, topic_prefix=TOPIC_PREFIX))
     runs: dict[int, dict[str, list[dict]]] = {c: {arm: [] for arm in arms} for c in connections}
