@@ -168,11 +168,14 @@ def body_file(directory: Path, count: int = BODIES) -> Path:
     return path
 
 
-def oha(binary: str, port: int, bodies: Path, seconds: float, connections: int) -> dict:
-    """Run oha against ``POST /callbacks`` for ``seconds``; its figures."""
+def oha(binary: str, port: int, bodies: Path, seconds: float, connections: int,
+        rate: float = 0) -> dict:
+    """Run oha against ``POST /callbacks`` for ``seconds`` (at most ``rate`` requests/s if
+    given); its figures."""
     completed = subprocess.run(
         [binary, "--no-tui", "--output-format", "json", "-z", f"{seconds}s",
          "-c", str(connections), "--worker-threads", "1", "-m", "POST",
+         *(["-q", str(rate)] if rate else []),
          "-T", "application/json", "-Z", str(bodies), f"http://127.0.0.1:{port}/callbacks"],
         capture_output=True, text=True, timeout=seconds + 60, check=True,
     )
@@ -258,7 +261,7 @@ def server_command(arm: str, port: int, bootstrap: str, spool_dir: str) -> list[
 
 
 def run_arm(arm: str, bootstrap: str, seconds: float, connections: int, warmup_s: float,
-            binary: str) -> dict:
+            binary: str, rate: float = 0) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-shim-") as scratch:
         server = subprocess.Popen(
@@ -269,9 +272,9 @@ def run_arm(arm: str, bootstrap: str, seconds: float, connections: int, warmup_s
             wait_until_healthy(port, server)
             bodies = body_file(Path(scratch))
             if warmup_s:
-                oha(binary, port, bodies, warmup_s, connections)
+                oha(binary, port, bodies, warmup_s, connections, rate)
             cpu_before = process_tree_cpu_seconds(server.pid)
-            result = oha(binary, port, bodies, seconds, connections)
+            result = oha(binary, port, bodies, seconds, connections, rate)
             cpu_after = process_tree_cpu_seconds(server.pid)
             result["server_cpu_us_per_request"] = (
                 (cpu_after - cpu_before) / max(result["requests"], 1) * 1e6
@@ -290,11 +293,13 @@ def run_arm(arm: str, bootstrap: str, seconds: float, connections: int, warmup_s
 
 
 def run(bootstrap: str, seconds: float, rounds: int, connections: Sequence[int],
-        warmup_s: float, arms: Sequence[str] = ARMS) -> dict:
+        warmup_s: float, arms: Sequence[str] = ARMS, rate: float = 0) -> dict:
     """Each arm at each connection count, interleaved round by round; medians and ratios.
 
     Every arm's req/s is also given against ``bare`` (the framework alone) and ``no-kafka``
-    (the shim without Kafka), when those ran."""
+    (the shim without Kafka), when those ran. With ``rate``, oha sends at most that many
+    requests/s: every arm then serves the same rate, and its server CPU µs/request is
+    comparable on a machine too busy for its req/s to be."""
     from consumer.kafka.admin import ensure_topics
     from consumer.settings import load_settings
 
@@ -307,8 +312,9 @@ def run(bootstrap: str, seconds: float, rounds: int, connections: Sequence[int],
     for _ in range(rounds):
         for count in connections:
             for arm in arms:
-                runs[count][arm].append(run_arm(arm, bootstrap, seconds, count, warmup_s, binary))
-    result: dict = {"status": "ok", "load_generator": version, "seconds": seconds,
+                runs[count][arm].append(
+                    run_arm(arm, bootstrap, seconds, count, warmup_s, binary, rate))
+    result: dict = {"status": "ok", "load_generator": version, "rate": rate, "seconds": seconds,
                     "rounds": rounds, "warmup_s": warmup_s, "connections": {}}
     for count, by_arm in runs.items():
         rows = {
@@ -336,6 +342,8 @@ def main() -> None:
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
     parser.add_argument("--arms", default=",".join(ARMS),
                         help=f"comma-separated, of {', '.join(ARMS)}, workers-N")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="requests/s oha sends at most (0: as fast as the server answers)")
     args = parser.parse_args()
     connections = [int(c) for c in args.connections.split(",")]
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
@@ -343,7 +351,7 @@ def main() -> None:
           f"(interleaved, each after {args.warmup:.0f} s warm-up)")
     with bench_kafka(args.bootstrap) as kafka:
         result = run(kafka.bootstrap_servers, args.seconds, args.rounds, connections,
-                     args.warmup, args.arms.split(","))
+                     args.warmup, args.arms.split(","), args.rate)
     if result["status"] != "ok":
         print(result["status"])
         return
