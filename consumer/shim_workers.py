@@ -107,16 +107,19 @@ def adopt_orphaned_spools(settings: Settings, workers: int) -> int:
         return 0
     root = settings.spool_path
     owners = [root] if workers == 1 else [root / WORKER_DIR.format(i) for i in range(workers)]
-    orphans = sorted(
-        (path.parent for path in root.glob(f"{WORKER_DIR.format('*')}/{SPOOL_FILE}")),
-        key=lambda path: int(path.name.rsplit("-", 1)[1]) if path.name.rsplit("-", 1)[1].isdigit() else -1,
-    )
+    worker_spools = [path.parent for path in root.glob(f"{WORKER_DIR.format('*')}/{SPOOL_FILE}")]
+    orphans = sorted(worker_spools, key=_worker_index)
     if (root / SPOOL_FILE).exists():
         orphans.insert(0, root)
     orphans = [path for path in orphans if path not in owners]
     if not orphans:
         return 0
     return asyncio.run(_adopt(orphans, owners, settings.spool_max_bytes))
+
+
+def _worker_index(directory: Path) -> int:
+    number = directory.name.rsplit("-", 1)[-1]
+    return int(number) if number.isdigit() else -1
 
 
 async def _adopt(orphans: list[Path], owners: list[Path], max_bytes: int) -> int:
