@@ -23,6 +23,9 @@ test: $(BIN)/rtcbus
 
 bench: $(BIN)/rtcbus $(QUIX_VENV)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	# oha, the shim section's load generator: built once (minutes), cached after; without
+	# cargo the section says "not installed".
+	-sh bench/tools.sh >/dev/null
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Quix Streams, for the benchmark only, in a virtualenv of its own: it pins confluent-kafka

@@ -1,22 +1,33 @@
-"""Cost of the shim's delivery-report bridge: requests/s, latency and server CPU per request.
+"""Cost of the shim against its framework: requests/s, latency and server CPU per request.
 
 Run: .venv/bin/python -m bench.shim_bridge [--seconds 10] [--rounds 3] [--connections 64,256]
-         [--bootstrap HOST:PORT]
+         [--arms bare,no-kafka,bridge,per-report,workers-2] [--bootstrap HOST:PORT]
 
-Three shims, each in a process of its own (uvicorn, uvloop, httptools), loaded by a load
-generator in another process (raw HTTP/1.1 keep-alive over asyncio streams, so the client
-costs little next to the server):
+The servers, each in a process of its own, all on the shim's own uvicorn configuration
+(``consumer.shim.shim_server``: uvloop, httptools, the head timeout, the concurrency bound, no
+access log):
 
+- ``bare``: the same framework and server with a ``POST /callbacks`` route that reads the
+  body and answers 200 with nothing else: what Starlette and uvicorn cost alone;
 - ``no-kafka``: the real shim (body limit, envelope parse, signature check, metrics) whose
-  bridge answers at once, without Kafka: the ceiling;
+  bridge answers at once, without Kafka;
 - ``bridge``: the real shim: produce with acks=all, idempotent, 200 after the delivery
   report, reports handed to the event loop once per poll() batch;
 - ``per-report``: the same with one ``call_soon_threadsafe`` per delivery report (the
-  textbook bridge), to show what batching the hand-over buys.
+  textbook bridge), to show what batching the hand-over buys;
+- ``workers-N``: ``rtcbus shim --workers N``, the real shim in N processes on one port.
+
+The load comes from oha (``sh bench/tools.sh`` builds it into ~/.cache/rtcbus/tools), an
+external HTTP/1.1 keep-alive load generator in Rust on one thread of its own, so the client
+costs the server's cores little and no Python client sets the ceiling. Without oha the section
+reports "not installed". Each request's body is a line drawn at random from a file of signed
+callbacks of the workload mix (``oha -Z``), so EventIds repeat within a run: the shim does not
+dedupe (each copy is a record in the raw topic, the router's dedupe drops it), so a repeat
+costs the shim what a fresh one does.
 
 Without ``--bootstrap`` a one-node Kafka is started for the run (consumer.kafka.launcher) in
-a temporary directory and stopped afterwards. The server's CPU time (all its threads,
-librdkafka's included) is read from /proc around the measured window.
+a temporary directory and stopped afterwards. The server's CPU time (all its threads and
+worker processes, librdkafka's included) is read from /proc around the measured window.
 """
 
 from __future__ import annotations
@@ -25,10 +36,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,27 +50,33 @@ from bench.broker import bench_kafka
 from bench.workload import SECRET
 
 TOPIC_PREFIX = "bench"
+ARMS = ("bare", "no-kafka", "bridge", "per-report")
+# Distinct signed bodies oha draws from; signed just before each run (the skew window is 5 min).
+BODIES = 5000
 
 
 # -- the servers ------------------------------------------------------------------------------
 
 
 def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX) -> None:
-    import uvicorn
+    import logging
+
     from prometheus_client import CollectorRegistry
     from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
     from starlette.routing import Route
-
-    import tempfile
 
     from consumer.envelope import SignatureVerifier
     from consumer.ingest import Ingest
     from consumer.settings import load_settings
-    from consumer.shim import DeliveryBridge, Shim, ShimMetrics, _settle, create_app, shim_producer_config
+    from consumer.shim import (
+        DeliveryBridge, Shim, ShimMetrics, _settle, create_app, shim_producer_config, shim_server,
+    )
 
     settings = load_settings(
-        bootstrap_servers=bootstrap, topic_prefix=topic_prefix, secrets=SECRET, shim_port=port,
-        spool_dir=tempfile.mkdtemp(prefix="bench-spool-"),
+        bootstrap_servers=bootstrap, topic_prefix=topic_prefix, secrets=SECRET,
+        shim_host="127.0.0.1", shim_port=port, spool_dir=tempfile.mkdtemp(prefix="bench-spool-"),
     )
 
     class NoKafkaBridge(DeliveryBridge):
@@ -88,7 +107,19 @@ def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX)
         def _on_delivery(self, future, error, message) -> None:  # type: ignore[override]
             self._loop.call_soon_threadsafe(_settle, [(future, error, message)])
 
-    if arm == "bridge":
+    async def read_and_answer(request: Request) -> Response:
+        await request.body()
+        return Response()
+
+    async def healthy(request: Request) -> Response:
+        return Response()
+
+    if arm == "bare":
+        app = Starlette(routes=[
+            Route("/callbacks", read_and_answer, methods=["POST"]),
+            Route("/healthz", healthy, methods=["GET"]),
+        ])
+    elif arm == "bridge":
         app = create_app(settings)
     else:
         bridge = (
@@ -109,16 +140,59 @@ def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX)
             ],
             lifespan=shim.lifespan,
         )
-    uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_level="warning")
+    server = shim_server(settings, app)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    server.run()
 
 
 # -- the load generator -------------------------------------------------------------------------
 
 
-def bodies(count: int = 1000) -> list[bytes]:
+def oha_path() -> str | None:
+    """The oha binary: on PATH, or where ``bench/tools.sh`` puts it; None when neither."""
+    found = shutil.which("oha")
+    if found:
+        return found
+    cached = Path(os.environ.get("RTCBUS_TOOLS_DIR", Path.home() / ".cache/rtcbus/tools")) / "bin/oha"
+    return str(cached) if cached.is_file() and os.access(cached, os.X_OK) else None
+
+
+def body_file(directory: Path, count: int = BODIES) -> Path:
+    """``count`` signed callbacks of the workload mix, one per line, signed now."""
     from bench.workload import raw_records
 
-    return [record.body for record in raw_records(count, prefix="shim")]
+    path = directory / "bodies.jsonl"
+    bodies = [record.body for record in raw_records(count, prefix=f"shim-{time.time_ns()}")]
+    assert not any(b"\n" in body for body in bodies), "a body must fit on one line for oha -Z"
+    path.write_bytes(b"\n".join(bodies) + b"\n")
+    return path
+
+
+def oha(binary: str, port: int, bodies: Path, seconds: float, connections: int,
+        rate: float = 0) -> dict:
+    """Run oha against ``POST /callbacks`` for ``seconds`` (at most ``rate`` requests/s if
+    given); its figures."""
+    completed = subprocess.run(
+        [binary, "--no-tui", "--output-format", "json", "-z", f"{seconds}s",
+         "-c", str(connections), "--worker-threads", "1", "-m", "POST",
+         *(["-q", str(rate)] if rate else []),
+         "-T", "application/json", "-Z", str(bodies), f"http://127.0.0.1:{port}/callbacks"],
+        capture_output=True, text=True, timeout=seconds + 60, check=True,
+    )
+    report = json.loads(completed.stdout)
+    latency = report["metrics"]["latency_ms"]
+    return {
+        "requests": sum(report["statusCodeDistribution"].values()),
+        "rps": report["metrics"]["requests_per_sec"],
+        "p50_ms": latency["p50"],
+        "p99_ms": latency["p99"],
+        "statuses": report["statusCodeDistribution"],
+        "errors": report["errorDistribution"],
+    }
+
+
+# The Python client of bench.shim_spool and bench.latency, which check every EventId they sent
+# and so need each request's body of their own; this section's load is oha's.
 
 
 def request_bytes(port: int, body: bytes) -> bytes:
@@ -140,44 +214,6 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             length = int(line[15:])
     await reader.readexactly(length)
     return head[9:12].decode()
-
-
-async def load(port: int, seconds: float, connections: int, warmup_s: float) -> dict:
-    requests = [request_bytes(port, body) for body in bodies()]
-    latencies: list[float] = []
-    statuses: dict[str, int] = {}
-    start = time.monotonic()
-    measure_from = start + warmup_s
-    stop_at = measure_from + seconds
-
-    async def connection(index: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        n = index
-        while True:
-            sent = time.monotonic()
-            if sent >= stop_at:
-                break
-            status = await exchange(reader, writer, requests[n % len(requests)])
-            n += connections
-            done = time.monotonic()
-            if sent >= measure_from:
-                latencies.append(done - sent)
-                statuses[status] = statuses.get(status, 0) + 1
-        writer.close()
-
-    await asyncio.gather(*(connection(i) for i in range(connections)))
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
-
-    return {
-        "requests": len(latencies),
-        "rps": len(latencies) / seconds,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
-        "statuses": statuses,
-    }
 
 
 # -- the orchestration ----------------------------------------------------------------------------
@@ -210,50 +246,76 @@ def wait_until_healthy(port: int, server: subprocess.Popen, timeout_s: float = 3
     raise RuntimeError("server did not come up")
 
 
-def run_arm(arm: str, bootstrap: str, seconds: float, connections: int, warmup_s: float) -> dict:
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its child processes (``rtcbus shim --workers N``)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return cpu_seconds(pid) + sum(cpu_seconds(int(child)) for child in children)
+
+
+def server_command(arm: str, port: int, bootstrap: str, spool_dir: str) -> list[str]:
+    if arm.startswith("workers-"):
+        return [sys.executable, "-m", "consumer.cli", "--bootstrap-servers", bootstrap,
+                "--topic-prefix", TOPIC_PREFIX, "shim", "--port", str(port), "--admin-port", "0",
+                "--secrets", SECRET, "--spool-dir", spool_dir, "--workers", arm.split("-", 1)[1]]
+    return [sys.executable, "-m", "bench.shim_bridge", "serve", arm, str(port), bootstrap]
+
+
+def run_arm(arm: str, bootstrap: str, seconds: float, connections: int, warmup_s: float,
+            binary: str, rate: float = 0) -> dict:
     port = free_port()
-    python = sys.executable
-    server = subprocess.Popen(
-        [python, "-m", "bench.shim_bridge", "serve", arm, str(port), bootstrap]
-    )
-    try:
-        wait_until_healthy(port, server)
-        generator = subprocess.Popen(
-            [python, "-m", "bench.shim_bridge", "load", str(port), str(seconds),
-             str(connections), str(warmup_s)],
-            stdout=subprocess.PIPE,
+    with tempfile.TemporaryDirectory(prefix="bench-shim-") as scratch:
+        server = subprocess.Popen(
+            server_command(arm, port, bootstrap, str(Path(scratch) / "spool")),
+            stderr=subprocess.PIPE, text=True,
         )
-        time.sleep(warmup_s)
-        cpu_before = cpu_seconds(server.pid)
-        output, _ = generator.communicate(timeout=seconds + warmup_s + 60)
-        cpu_after = cpu_seconds(server.pid)
-        result = json.loads(output)
-        result["server_cpu_us_per_request"] = (
-            (cpu_after - cpu_before) / max(result["requests"], 1) * 1e6
-        )
-        return result
-    finally:
-        server.send_signal(signal.SIGINT)
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            wait_until_healthy(port, server)
+            bodies = body_file(Path(scratch))
+            if warmup_s:
+                oha(binary, port, bodies, warmup_s, connections, rate)
+            cpu_before = process_tree_cpu_seconds(server.pid)
+            result = oha(binary, port, bodies, seconds, connections, rate)
+            cpu_after = process_tree_cpu_seconds(server.pid)
+            result["server_cpu_us_per_request"] = (
+                (cpu_after - cpu_before) / max(result["requests"], 1) * 1e6
+            )
+            return result
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                _, errors = server.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                _, errors = server.communicate()
+            if server.returncode not in (0, -signal.SIGTERM):
+                print(f"{arm} server exited with {server.returncode}: {errors[-2000:]}",
+                      file=sys.stderr)
 
 
 def run(bootstrap: str, seconds: float, rounds: int, connections: Sequence[int],
-        warmup_s: float, arms: Sequence[str] = ("no-kafka", "bridge")) -> dict:
-    """Each arm at each connection count, interleaved round by round; medians and ratios."""
+        warmup_s: float, arms: Sequence[str] = ARMS, rate: float = 0) -> dict:
+    """Each arm at each connection count, interleaved round by round; medians and ratios.
+
+    Every arm's req/s is also given against ``bare`` (the framework alone) and ``no-kafka``
+    (the shim without Kafka), when those ran. With ``rate``, oha sends at most that many
+    requests/s: every arm then serves the same rate, and its server CPU µs/request is
+    comparable on a machine too busy for its req/s to be."""
     from consumer.kafka.admin import ensure_topics
     from consumer.settings import load_settings
 
+    binary = oha_path()
+    if binary is None:
+        return {"status": "not installed: oha (sh bench/tools.sh builds it)"}
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
     ensure_topics(load_settings(bootstrap_servers=bootstrap, topic_prefix=TOPIC_PREFIX))
     runs: dict[int, dict[str, list[dict]]] = {c: {arm: [] for arm in arms} for c in connections}
     for _ in range(rounds):
         for count in connections:
             for arm in arms:
-                runs[count][arm].append(run_arm(arm, bootstrap, seconds, count, warmup_s))
-    result: dict = {"seconds": seconds, "rounds": rounds, "warmup_s": warmup_s, "connections": {}}
+                runs[count][arm].append(
+                    run_arm(arm, bootstrap, seconds, count, warmup_s, binary, rate))
+    result: dict = {"status": "ok", "load_generator": version, "rate": rate, "seconds": seconds,
+                    "rounds": rounds, "warmup_s": warmup_s, "connections": {}}
     for count, by_arm in runs.items():
         rows = {
             arm: {
@@ -263,9 +325,10 @@ def run(bootstrap: str, seconds: float, rounds: int, connections: Sequence[int],
             }
             for arm, results in by_arm.items()
         }
-        if "no-kafka" in rows:
-            for row in rows.values():
-                row["vs_no_kafka"] = row["rps"] / rows["no-kafka"]["rps"]
+        for baseline in ("bare", "no-kafka"):
+            if baseline in rows:
+                for row in rows.values():
+                    row[f"vs_{baseline.replace('-', '_')}"] = row["rps"] / rows[baseline]["rps"]
         result["connections"][str(count)] = rows
     return result
 
@@ -273,11 +336,14 @@ def run(bootstrap: str, seconds: float, rounds: int, connections: Sequence[int],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
-    parser.add_argument("--connections", default="32", help="comma-separated counts")
+    parser.add_argument("--connections", default="64", help="comma-separated counts")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3, help="runs per arm, interleaved; medians shown")
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
-    parser.add_argument("--arms", default="no-kafka,bridge,per-report")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated, of {', '.join(ARMS)}, workers-N")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="requests/s oha sends at most (0: as fast as the server answers)")
     args = parser.parse_args()
     connections = [int(c) for c in args.connections.split(",")]
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
@@ -285,9 +351,13 @@ def main() -> None:
           f"(interleaved, each after {args.warmup:.0f} s warm-up)")
     with bench_kafka(args.bootstrap) as kafka:
         result = run(kafka.bootstrap_servers, args.seconds, args.rounds, connections,
-                     args.warmup, args.arms.split(","))
-    print(f"{'conns':>5} {'arm':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}"
-          f"  (medians; req/s of each round)  statuses")
+                     args.warmup, args.arms.split(","), args.rate)
+    if result["status"] != "ok":
+        print(result["status"])
+        return
+    print(f"load: {result['load_generator']}")
+    print(f"{'conns':>5} {'arm':<11} {'req/s':>8} {'vs bare':>8} {'vs no-K':>8} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'CPU us/req':>11}  (medians; req/s of each round)  statuses")
     for count, rows in result["connections"].items():
         for arm, row in rows.items():
             statuses: dict[str, int] = {}
@@ -295,7 +365,8 @@ def main() -> None:
                 for status, n in r["statuses"].items():
                     statuses[status] = statuses.get(status, 0) + n
             each = ", ".join(f"{r['rps']:.0f}" for r in row["runs"])
-            print(f"{count:>5} {arm:<11} {row['rps']:>8.0f} {row['p50_ms']:>8.2f} "
+            print(f"{count:>5} {arm:<11} {row['rps']:>8.0f} {row.get('vs_bare', 0):>7.2f}x "
+                  f"{row.get('vs_no_kafka', 0):>7.2f}x {row['p50_ms']:>8.2f} "
                   f"{row['p99_ms']:>8.2f} {row['server_cpu_us_per_request']:>11.0f}"
                   f"  ({each})  {statuses}", flush=True)
 
@@ -308,11 +379,5 @@ def median(results: list[dict], key: str) -> float:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]), *sys.argv[4:6])
-    elif len(sys.argv) > 1 and sys.argv[1] == "load":
-        import uvloop
-
-        port, seconds, connections, warmup = sys.argv[2:6]
-        print(json.dumps(uvloop.run(load(int(port), float(seconds), int(connections),
-                                         float(warmup)))))
     else:
         main()

@@ -477,24 +477,35 @@ def shim(
     ack_timeout_s: Annotated[
         float | None, typer.Option(help="Answer 503 when Kafka has not acknowledged by then (env RTCBUS_ACK_TIMEOUT_S).")
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Shim processes sharing the port, one core each; worker i has its own producer, "
+            "spool (<spool-dir>/worker-i) and admin port (admin-port + i).",
+        ),
+    ] = 1,
 ) -> None:
     """Receive callbacks over HTTP and write them to the raw topic, until SIGTERM or Ctrl-C."""
     from consumer.shim import run_shim
+    from consumer.shim_workers import adopt_orphaned_spools, run_workers
 
-    run_shim(
-        _settings(
-            ctx,
-            shim_host=host,
-            shim_port=port,
-            shim_admin_port=admin_port,
-            secrets=secrets,
-            unsigned=unsigned,
-            spool_dir=spool_dir,
-            spool=spool,
-            max_body_bytes=max_body_bytes,
-            ack_timeout_s=ack_timeout_s,
-        )
+    settings = _settings(
+        ctx,
+        shim_host=host,
+        shim_port=port,
+        shim_admin_port=admin_port,
+        secrets=secrets,
+        unsigned=unsigned,
+        spool_dir=spool_dir,
+        spool=spool,
+        max_body_bytes=max_body_bytes,
+        ack_timeout_s=ack_timeout_s,
     )
+    if workers > 1:
+        raise typer.Exit(run_workers(settings, workers))
+    adopt_orphaned_spools(settings, 1)  # what workers of an earlier run left
+    run_shim(settings)
 
 
 def send(

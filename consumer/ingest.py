@@ -193,11 +193,13 @@ class Ingest:
                 delivery.add_done_callback(lambda done: self._on_delivery(waiting, done))
                 if self._open_spool is not None:
                     waiting.timer = loop.call_later(self.spool_after_s, self._cut_over)
+        # The deadline is a timer that answers the future itself: ``wait_for(shield(...))``
+        # costs a waiter future, an outer future and their callbacks on every request.
+        expiry = loop.call_later(max(deadline - time.monotonic(), 0), self._expire, answer)
         try:
-            stored = await asyncio.wait_for(asyncio.shield(answer), max(deadline - time.monotonic(), 0))
-        except TimeoutError:
-            raise self._not_stored("Kafka did not acknowledge the record in time") from None
+            stored = await answer
         finally:
+            expiry.cancel()
             if waiting is not None:  # answered, or given up on: it must not be spooled later
                 self._release(waiting)
         self.counters.stored(stored)
@@ -233,6 +235,10 @@ class Ingest:
             waiting.answer.set_result(Stored.KAFKA)
         else:
             self._on_refusal(waiting, error)
+
+    def _expire(self, answer: asyncio.Future[Stored]) -> None:
+        if not answer.done():
+            answer.set_exception(self._not_stored("Kafka did not acknowledge the record in time"))
 
     def _on_refusal(self, waiting: _Waiting, error: BaseException) -> None:
         if not (isinstance(error, NotStored) and error.status != 503):

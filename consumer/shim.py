@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -310,11 +312,28 @@ class ShimMetrics:
         self.spooling.set_function(lambda: float(ingest.spooling))
 
     def counters(self) -> IngestCounters:
+        stored = _LabelledCounter(self.stored)
         return IngestCounters(
-            stored=lambda where: self.stored.labels(where.value).inc(),
+            stored=lambda where: stored.inc(where.value),
             forwarded=self.spool_forwarded.inc,
             spool_refused=lambda reason: self.spool_refused.labels(reason).inc(),
         )
+
+
+class _LabelledCounter:
+    """A counter with one label whose children are looked up once each: ``labels()`` takes
+    a lock and formats its key on every call. A child is made on its first use, so a label
+    value nothing has counted yet is not exported as 0."""
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._children: dict[object, Any] = {}
+
+    def inc(self, label: object) -> None:
+        child = self._children.get(label)
+        if child is None:
+            child = self._children[label] = self._counter.labels(str(label))
+        child.inc()
 
 
 class Shim:
@@ -343,6 +362,10 @@ class Shim:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Read at each scrape rather than moved twice per request.
+        metrics.in_flight.set_function(lambda: self._in_flight)
+        self._count_request = _LabelledCounter(metrics.requests)
+        self._observe_produce = metrics.produce_seconds.observe
 
     async def receive_callback(self, request: Request) -> Response:
         """
@@ -401,7 +424,7 @@ class Shim:
             )
         finally:
             self._leave()
-        self.metrics.requests.labels(str(response.status_code)).inc()
+        self._count_request.inc(response.status_code)
         return response
 
     async def _handle_callback(
@@ -439,8 +462,8 @@ class Shim:
                 return self._refuse(413, "too_large", exc.message)
             return _error(exc.status, exc.message)
         if stored is Stored.KAFKA:
-            self.metrics.produce_seconds.observe(time.monotonic() - produced_at)
-        return JSONResponse({"status": "ok", "EventId": envelope.event_id, "stored": stored.value})
+            self._observe_produce(time.monotonic() - produced_at)
+        return _stored_response(envelope.event_id, stored)
 
     async def healthz(self, request: Request) -> Response:
         """
@@ -548,11 +571,9 @@ class Shim:
     def _enter(self) -> None:
         self._in_flight += 1
         self._idle.clear()
-        self.metrics.in_flight.inc()
 
     def _leave(self) -> None:
         self._in_flight -= 1
-        self.metrics.in_flight.dec()
         if self._in_flight == 0:
             self._idle.set()
 
@@ -665,11 +686,18 @@ def admin_server(settings: Settings, app: Starlette) -> AdminServer:
     return AdminServer(config)
 
 
-async def serve(public: uvicorn.Server, admin: uvicorn.Server) -> None:
-    """Serve both listeners until the public one stops (SIGTERM, SIGINT)."""
+async def serve(
+    public: uvicorn.Server, admin: uvicorn.Server, sockets: list[socket.socket] | None = None
+) -> None:
+    """Serve both listeners until the public one stops (SIGTERM, SIGINT).
+
+    Args:
+        sockets: listening sockets for the public listener, instead of binding its
+            host and port (``consumer.shim_workers``).
+    """
     admin_task = asyncio.create_task(admin.serve(), name="rtcbus-shim-admin")
     try:
-        await public.serve()
+        await public.serve(sockets=sockets)
     finally:
         admin.should_exit = True
         await admin_task
@@ -706,18 +734,37 @@ async def _read_limited(request: Request, limit: int, timeout_s: float) -> bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
+    # The ASGI messages themselves rather than ``request.stream()``: a callback's body is
+    # one message, and the async generator costs more than the rest of the read.
+    receive = request.receive
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect
+                chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
                     raise BodyTooLarge
                 chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
     except TimeoutError:
         raise BodyTooSlow from None
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# The 200's body, as ``JSONResponse`` would render it, without building its encoder and
+# header list per request.
+_encode_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def _stored_response(event_id: str, stored: Stored) -> Response:
+    body = f'{{"status":"ok","EventId":{_encode_json(event_id)},"stored":"{stored.value}"}}'
+    return Response(body.encode("utf-8"), media_type="application/json")
 
 
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:

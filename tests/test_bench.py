@@ -48,8 +48,11 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     for name in ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook"):
         assert arms[name]["status"] == "ok" and arms[name]["events_per_s"] > 0, arms[name]
     assert arms["quix"]["status"] == "not run in smoke mode"
-    for rows in results["shim"]["connections"].values():
-        assert {row["runs"][0]["statuses"].get("200", 0) > 0 for row in rows.values()} == {True}
+    if results["shim"]["status"] == "ok":  # oha installed (sh bench/tools.sh)
+        for rows in results["shim"]["connections"].values():
+            assert {row["runs"][0]["statuses"].get("200", 0) > 0 for row in rows.values()} == {True}
+    else:
+        assert results["shim"]["status"].startswith("not installed: oha")
     (spool_run,) = results["shim_spool"]["connections"]["8"]["runs"]
     normal, spooled = spool_run["arms"]["normal"], spool_run["arms"]["spooled"]
     assert normal["statuses"].get("200", 0) > 0 and spooled["statuses"].get("200", 0) > 0
