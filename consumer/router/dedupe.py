@@ -45,7 +45,7 @@ def event_digest(event_id: str) -> tuple[int, int]:
     ``P ≈ 6.3e11 · 2.7e7 / 3.4e38 ≈ 5·10^-20`` a year. Two remembered EventIds sharing a
     digest are harmless: both were routed.
 
-    Why XXH3 and not BLAKE2b: a fifth of the CPU (about 0.2 against 0.9 µs an EventId on
+    Why XXH3 and not BLAKE2b: a third of the CPU (about 0.25 against 0.8 µs an EventId on
     the bench's machine, ``python -m bench.dedupe``), on the path of every record; its
     128-bit output passes the SMHasher tests of uniformity, which is what the figure above
     needs. Why unkeyed: XXH3 is not built to resist crafted collisions, but a crafted
@@ -128,8 +128,8 @@ class DedupeWindow:
     """EventIds seen per partition, forgotten once older than the window.
 
     Committed EventIds are kept as 128-bit digests (:func:`event_digest`) in hash tables
-    with no Python object per entry: about 30 bytes per EventId in a large window, where a
-    dict of the strings took about 175 (``bench/dedupe.py`` measures both). The open
+    with no Python object per entry: about 34 bytes per EventId in a window of a million,
+    where a dict of the strings took about 250 (``bench/dedupe.py`` measures both). The open
     transaction's EventIds are kept as they are, apart, so that an abort forgets exactly them.
 
     Args:
