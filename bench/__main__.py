@@ -7,7 +7,8 @@ Sections, each a module with a function returning plain dicts: codec (``bench.co
 per-event CPU of each step, without a broker (``bench.floor``), router throughput against
 four contenders (``bench.router``), shim throughput and latency
 (``bench.shim_bridge``), the shim with its spool engaged and the spool's drain
-(``bench.shim_spool``), end-to-end latency by commit interval (``bench.latency``), and in
+(``bench.shim_spool``), end-to-end latency by commit interval (``bench.latency``), the
+dedupe window's memory, CPU and restore as it grows (``bench.dedupe``), and in
 full mode RSS over a 10-minute sustained run. Without ``--bootstrap`` a local Kafka is
 started for the run and stopped afterwards. Writes ``<out>/<date>.json`` (raw figures,
 machine, versions, targets met) and, except in smoke mode, PNG plots next to it.
@@ -21,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import codec, floor, latency, report, router, shim_bridge, shim_spool
+from bench import codec, dedupe, floor, latency, report, router, shim_bridge, shim_spool
 from bench.broker import bench_kafka
 from bench.workload import raw_records, weights
 
@@ -39,6 +40,7 @@ PROFILES = {
                        "drain_records": 0},
         "latency": {"rate": 200, "seconds": 2, "intervals": (100,), "repeats": 1},
         "memory_s": 0,
+        "dedupe": {"ids": (2000,), "partitions": (24,), "restore_ids": (2000,), "probe_ids": 2000},
     },
     "quick": {
         "codec": {"seconds": 3, "rounds": 3, "events": 2000},
@@ -53,6 +55,8 @@ PROFILES = {
         # repeats: runs at the default 100 ms interval; the p99 target must hold in every one.
         "latency": {"rate": 2000, "seconds": 12, "intervals": (20, 100, 500), "repeats": 5},
         "memory_s": 0,
+        "dedupe": {"ids": (10_000, 100_000, 300_000), "partitions": (1, 24), "restore_ids": (300_000,),
+                   "probe_ids": 300_000},
     },
     "full": {
         "codec": {"seconds": 5, "rounds": 5, "events": 2000},
@@ -66,6 +70,8 @@ PROFILES = {
                        "drain_records": 50000},
         "latency": {"rate": 2000, "seconds": 60, "intervals": (20, 100, 500, 1000), "repeats": 5},
         "memory_s": 600,
+        "dedupe": {"ids": (10_000, 100_000, 1_000_000, 10_000_000), "partitions": (1, 24),
+                   "restore_ids": (1_000_000, 10_000_000), "probe_ids": 1_000_000},
     },
 }
 
@@ -133,6 +139,7 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
         return {"runs": runs, "repeats_100": [_repeat(run) for run in repeats], "throughput": throughput}
 
     section("latency", latency_section)
+    section("dedupe", lambda: dedupe.run(rooms=10_000, **sizes["dedupe"]))
     if sizes["memory_s"]:
         # A dedupe window of 2 minutes, so that it fills within the run: with the default
         # 15 minutes the router's RSS grows through a 10-minute run by design.
@@ -142,6 +149,7 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
     # Smoke sizes are far too small for ratios to mean anything.
     results["targets"] = (
         report.targets(results) + shim_spool.targets(results.get("shim_spool", {}))
+        + dedupe.targets(results.get("dedupe", {}))
         if mode != "smoke" else []
     )
     results["elapsed_s"] = time.monotonic() - started
@@ -170,10 +178,11 @@ def main() -> None:
     if chosen != "smoke":
         from bench.plots import plot
 
-        results["plots"] = [str(p.name) for p in plot(results, out)]
+        results["plots"] = [str(p.name) for p in plot(results, out) + dedupe.plot(results.get("dedupe", {}), out)]
     path = report.write(results, out)
     print(report.tables(results))
     print(shim_spool.table(results.get("shim_spool", {})))
+    print(dedupe.table(results.get("dedupe", {})))
     print(f"\nwritten: {path} ({results['elapsed_s']:.0f} s)")
 
 

@@ -36,7 +36,7 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     assert results["mode"] == "smoke"
     assert results["machine"]["versions"]["librdkafka"]
     assert len(results["workload"]["weights_pct"]) == 38
-    for section in ("codec", "floor", "router", "shim", "shim_spool", "latency"):
+    for section in ("codec", "floor", "router", "shim", "shim_spool", "latency", "dedupe"):
         assert "error" not in results[section], results[section].get("traceback")
     assert all(row["events_per_s"] > 0 for row in results["codec"]["rows"].values())
     assert len(results["floor"]["cpu_us_per_event"]) == 8
@@ -60,5 +60,8 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     assert spooled["metrics"]["stored_kafka"] == 0 < spooled["metrics"]["stored_spool"]
     assert spool_run["drain"]["drained"] and spool_run["drain"]["forwarded"] > 0
     assert results["shim_spool"]["missing_from_raw"] == 0
+    for grid in results["dedupe"]["by_partitions"].values():
+        assert {row["bytes_per_id"] > 0 and row["seen_miss_ns"] > 0
+                for rows in grid.values() for row in rows.values()} == {True}
     (run,) = results["latency"]["runs"].values()
     assert run["received"] == run["ok"] > 0 and run["p99_ms"] > 0
