@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from consumer.router.dedupe import DedupeWindow, event_digest, marker_records, parse_marker_record
+from consumer.router.dedupe import DedupeWindow, collector_paused, event_digest, marker_records, parse_marker_record
 
 _COMMIT_EVERY = 1000  # adds per transaction, as the router's commit_max_records
 _PROBES = 50_000
@@ -171,8 +171,9 @@ def restore(ids: int, kinds: Iterable[str] = WINDOWS) -> dict:
     for kind in kinds:
         started = time.process_time()
         pairs: list[tuple[str, int]] = []
-        for value in records:
-            pairs.extend(parse_marker_record(value, None, 0))
+        with collector_paused():  # as DedupeLog.markers parses them
+            for value in records:
+                pairs.extend(parse_marker_record(value, None, 0))
         parsed = time.process_time()
         window = WINDOWS[kind](ids)
         window.restore(0, pairs)
