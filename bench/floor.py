@@ -12,6 +12,12 @@ of each step, not what a busy machine makes of it.
 
 If the steps every contender shares already cost more than a third of what the textbook
 spends per event in its drain, no single Python process can route three times as fast.
+
+Beside them, the router's two paths step by step in the same run (``pipelines``): the
+pydantic path (``parse_envelope``, ``EventModels.to_record``, the codec) and the lean path
+it now takes first (``RecordDecoder.envelope``, ``RecordDecoder.record``, the codec), and
+the share of the workload the lean path leaves to the pydantic one. The rows of one table
+are measured round by round in turn, so a busy spell of the machine hits them alike.
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ from bench.workload import RawRecord, domain_record, raw_records
 from consumer.codec import SingleObjectCodec
 from consumer.envelope import parse_envelope
 from consumer.events import Source, models
+from consumer.records import RecordDecoder
 from consumer.schemas import contract
 
 _NOWHERE = "127.0.0.1:9"  # a port nothing listens on; nothing dials it
 SHARED = "shared floor: json.loads, pydantic validate and dump, Avro encode"
 ROUTE = "rtcbus Transform.apply and the window, all of the pure step"
 TEXTBOOK = "textbook per record, without Kafka"
+PATHS = ("pydantic", "lean")
+WHOLE = "Transform.apply and the window"
 
 
 def cpu_us(work: Callable[[], None], events: int, rounds: int) -> float:
@@ -69,9 +78,67 @@ def run(events: int = 5000, rounds: int = 5, records: Sequence[RawRecord] | None
     }
     steps[SHARED] = each(lambda body: _shared(body, event_models, codec), bodies)
     figures = {name: cpu_us(work, len(records), rounds) for name, work in steps.items()}
-    figures[ROUTE] = _route_cpu_us(records, rounds)
+    routes = _route_works(records)
+    figures[ROUTE] = cpu_us(routes["lean"], len(records), rounds)
     figures[TEXTBOOK] = _textbook_cpu_us(records, rounds)
-    return {"events": len(records), "rounds": rounds, "cpu_us_per_event": figures}
+    pipelines, fallback = _pipelines(records, bodies, routes, rounds)
+    return {
+        "events": len(records),
+        "rounds": rounds,
+        "cpu_us_per_event": figures,
+        "pipelines": pipelines,
+        "lean_fallback_share": fallback,
+    }
+
+
+def _pipelines(
+    records: Sequence[RawRecord], bodies: Sequence[bytes], routes: dict, rounds: int
+) -> tuple[dict[str, dict[str, float]], float]:
+    """Each step of the pydantic path and of the lean path, CPU µs/event, side by side; and
+    the share of ``records`` the lean path leaves to the pydantic path."""
+    event_models, codec, decoder = models(), SingleObjectCodec(contract()), RecordDecoder(contract())
+    source = Source("bench.callbacks.raw", 0, 0)
+    envelopes = [parse_envelope(body) for body in bodies]
+    typed = [event_models.to_record(e, source) for e in envelopes]
+    lean_envelopes = [decoder.envelope(body) for body in bodies]
+    decided = [decoder.record(e, source) if e is not None else None for e in lean_envelopes]
+    lean_typed = [t for t in decided if t is not None]
+    lean_ready = [e for e, t in zip(lean_envelopes, decided) if t is not None]
+
+    def each(function: Callable, items: Sequence) -> Callable[[], None]:
+        def work() -> None:
+            for item in items:
+                function(item)
+        return work
+
+    # The lean steps run over the records the lean path decides; a record it leaves costs
+    # its envelope (and maybe record) step and then the whole pydantic path.
+    steps = {
+        ("envelope", "pydantic"): each(parse_envelope, bodies),
+        ("envelope", "lean"): each(decoder.envelope, bodies),
+        ("record (validate, dump, extras)", "pydantic"): each(
+            lambda e: event_models.to_record(e, source), envelopes),
+        ("record (validate, dump, extras)", "lean"): each(
+            lambda e: decoder.record(e, source), lean_ready),
+        ("Avro encode", "pydantic"): each(lambda t: codec.encode(t[0], t[1]), typed),
+        ("Avro encode", "lean"): each(lambda t: codec.encode(t[0], t[1]), lean_typed),
+        (WHOLE, "pydantic"): routes["pydantic"],
+        (WHOLE, "lean"): routes["lean"],
+    }
+    sizes = {
+        ("record (validate, dump, extras)", "lean"): len(lean_ready),
+        ("Avro encode", "lean"): len(lean_typed),
+    }
+    figures: dict[str, dict[str, float]] = {}
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, work in steps.items():
+            started = time.process_time()
+            work()
+            best[name] = min(best[name], time.process_time() - started)
+    for (step, path), seconds in best.items():
+        figures.setdefault(step, {})[path] = seconds / max(sizes.get((step, path), len(records)), 1) * 1e6
+    return figures, 1 - len(lean_typed) / len(records)
 
 
 
@@ -82,7 +149,9 @@ def _shared(body: bytes, event_models, codec: SingleObjectCodec) -> bytes:
     return codec.encode(envelope["EventType"], domain_record(envelope, event_models))
 
 
-def _route_cpu_us(records: Sequence[RawRecord], rounds: int) -> float:
+def _route_works(records: Sequence[RawRecord]) -> dict[str, Callable[[], None]]:
+    """The router's whole pure step over ``records``, with the window: by the lean path
+    first (the router's), and by the pydantic path alone."""
     from confluent_kafka import Message
 
     from consumer.router import Routed, Transform
@@ -91,22 +160,23 @@ def _route_cpu_us(records: Sequence[RawRecord], rounds: int) -> float:
 
     # The bootstrap address is never dialled: the transform holds no Kafka client.
     settings = load_settings(bootstrap_servers=_NOWHERE, topic_prefix="floor", partitions=3)
-    transform = Transform.from_settings(settings)
     messages = [
         Message(topic=settings.raw_topic, partition=n % 3, offset=n // 3, key=r.key, value=r.body,
                 timestamp=(2, 1_700_000_000_000 + n))
         for n, r in enumerate(records)
     ]
 
-    def work() -> None:
-        # A fresh window each round: the first sighting of every EventId, as in the drain.
-        window = DedupeWindow(15 * 60 * 1000)
-        for message in messages:
-            outcome = transform.apply(message, window.seen)
-            if type(outcome) is Routed:
-                window.add(message.partition(), outcome.event_id, message.timestamp()[1])
+    def route(transform: Transform) -> Callable[[], None]:
+        def work() -> None:
+            # A fresh window each round: the first sighting of every EventId, as in the drain.
+            window = DedupeWindow(15 * 60 * 1000)
+            for message in messages:
+                outcome = transform.apply(message, window.seen)
+                if type(outcome) is Routed:
+                    window.add(message.partition(), outcome.event_id, message.timestamp()[1])
+        return work
 
-    return cpu_us(work, len(messages), rounds)
+    return {path: route(Transform.from_settings(settings, lean=path == "lean")) for path in PATHS}
 
 
 def _textbook_cpu_us(records: Sequence[RawRecord], rounds: int) -> float:
@@ -136,7 +206,24 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    print(json.dumps(run(args.events, args.rounds), indent=2))
+    results = run(args.events, args.rounds)
+    print(json.dumps(results, indent=2))
+    print()
+    print(pipelines_table(results))
+
+
+def pipelines_table(results: dict) -> str:
+    """The two paths of ``results`` side by side, as a Markdown table."""
+    lines = [
+        "| router step, one core, no broker | pydantic path CPU µs/event | lean path CPU µs/event | lean / pydantic |",
+        "|---|---:|---:|---:|",
+    ]
+    for step, paths in results["pipelines"].items():
+        lines.append(
+            f"| {step} | {paths['pydantic']:.1f} | {paths['lean']:.1f} | {paths['lean'] / paths['pydantic']:.2f} |"
+        )
+    lines.append(f"\nLeft to the pydantic path by the lean one: {results['lean_fallback_share']:.1%} of the workload.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
