@@ -13,10 +13,11 @@ of each step, not what a busy machine makes of it.
 If the steps every contender shares already cost more than a third of what the textbook
 spends per event in its drain, no single Python process can route three times as fast.
 
-Beside them, the router's two paths step by step in the same run (``pipelines``): the
-pydantic path (``parse_envelope``, ``EventModels.to_record``, the codec) and the lean path
-it now takes first (``RecordDecoder.envelope``, ``RecordDecoder.record``, the codec), and
-the share of the workload the lean path leaves to the pydantic one. The rows of one table
+Beside them, the router's step before and after issue 14, step by step in the same run
+(``pipelines``): before, the pydantic path (``parse_envelope``, ``EventModels.to_record``)
+and fastavro alone; after, the lean path it now takes first (``RecordDecoder.envelope``,
+``RecordDecoder.record``) and the compiled Avro writers; and the share of the workload the
+lean path leaves to the pydantic one. The rows of one table
 are measured round by round in turn, so a busy spell of the machine hits them alike.
 """
 
@@ -38,7 +39,9 @@ _NOWHERE = "127.0.0.1:9"  # a port nothing listens on; nothing dials it
 SHARED = "shared floor: json.loads, pydantic validate and dump, Avro encode"
 ROUTE = "rtcbus Transform.apply and the window, all of the pure step"
 TEXTBOOK = "textbook per record, without Kafka"
-PATHS = ("pydantic", "lean")
+# Before: the router's step as it was (pydantic, fastavro); after: the lean path first, and
+# the compiled Avro writers.
+PATHS = ("before", "after")
 WHOLE = "Transform.apply and the window"
 
 
@@ -79,7 +82,7 @@ def run(events: int = 5000, rounds: int = 5, records: Sequence[RawRecord] | None
     steps[SHARED] = each(lambda body: _shared(body, event_models, codec), bodies)
     figures = {name: cpu_us(work, len(records), rounds) for name, work in steps.items()}
     routes = _route_works(records)
-    figures[ROUTE] = cpu_us(routes["lean"], len(records), rounds)
+    figures[ROUTE] = cpu_us(routes["after"], len(records), rounds)
     figures[TEXTBOOK] = _textbook_cpu_us(records, rounds)
     pipelines, fallback = _pipelines(records, bodies, routes, rounds)
     return {
@@ -96,7 +99,10 @@ def _pipelines(
 ) -> tuple[dict[str, dict[str, float]], float]:
     """Each step of the pydantic path and of the lean path, CPU µs/event, side by side; and
     the share of ``records`` the lean path leaves to the pydantic path."""
-    event_models, codec, decoder = models(), SingleObjectCodec(contract()), RecordDecoder(contract())
+    event_models, decoder = models(), RecordDecoder(contract())
+    fastavro_alone, compiled = (
+        SingleObjectCodec(contract(), compiled_writers=False), SingleObjectCodec(contract())
+    )
     source = Source("bench.callbacks.raw", 0, 0)
     envelopes = [parse_envelope(body) for body in bodies]
     typed = [event_models.to_record(e, source) for e in envelopes]
@@ -114,20 +120,20 @@ def _pipelines(
     # The lean steps run over the records the lean path decides; a record it leaves costs
     # its envelope (and maybe record) step and then the whole pydantic path.
     steps = {
-        ("envelope", "pydantic"): each(parse_envelope, bodies),
-        ("envelope", "lean"): each(decoder.envelope, bodies),
-        ("record (validate, dump, extras)", "pydantic"): each(
+        ("envelope", "before"): each(parse_envelope, bodies),
+        ("envelope", "after"): each(decoder.envelope, bodies),
+        ("record (validate, dump, extras)", "before"): each(
             lambda e: event_models.to_record(e, source), envelopes),
-        ("record (validate, dump, extras)", "lean"): each(
+        ("record (validate, dump, extras)", "after"): each(
             lambda e: decoder.record(e, source), lean_ready),
-        ("Avro encode", "pydantic"): each(lambda t: codec.encode(t[0], t[1]), typed),
-        ("Avro encode", "lean"): each(lambda t: codec.encode(t[0], t[1]), lean_typed),
-        (WHOLE, "pydantic"): routes["pydantic"],
-        (WHOLE, "lean"): routes["lean"],
+        ("Avro encode", "before"): each(lambda t: fastavro_alone.encode(t[0], t[1]), typed),
+        ("Avro encode", "after"): each(lambda t: compiled.encode(t[0], t[1]), lean_typed),
+        (WHOLE, "before"): routes["before"],
+        (WHOLE, "after"): routes["after"],
     }
     sizes = {
-        ("record (validate, dump, extras)", "lean"): len(lean_ready),
-        ("Avro encode", "lean"): len(lean_typed),
+        ("record (validate, dump, extras)", "after"): len(lean_ready),
+        ("Avro encode", "after"): len(lean_typed),
     }
     figures: dict[str, dict[str, float]] = {}
     best = dict.fromkeys(steps, float("inf"))
@@ -156,6 +162,7 @@ def _route_works(records: Sequence[RawRecord]) -> dict[str, Callable[[], None]]:
 
     from consumer.router import Routed, Transform
     from consumer.router.dedupe import DedupeWindow
+    from consumer.routing import RoutingTable
     from consumer.settings import load_settings
 
     # The bootstrap address is never dialled: the transform holds no Kafka client.
@@ -176,7 +183,11 @@ def _route_works(records: Sequence[RawRecord]) -> dict[str, Callable[[], None]]:
                     window.add(message.partition(), outcome.event_id, message.timestamp()[1])
         return work
 
-    return {path: route(Transform.from_settings(settings, lean=path == "lean")) for path in PATHS}
+    before = Transform(
+        models(), RoutingTable.from_settings(settings),
+        SingleObjectCodec(contract(), compiled_writers=False), settings.max_record_bytes,
+    )
+    return {"before": route(before), "after": route(Transform.from_settings(settings))}
 
 
 def _textbook_cpu_us(records: Sequence[RawRecord], rounds: int) -> float:
@@ -215,12 +226,13 @@ def main() -> None:
 def pipelines_table(results: dict) -> str:
     """The two paths of ``results`` side by side, as a Markdown table."""
     lines = [
-        "| router step, one core, no broker | pydantic path CPU µs/event | lean path CPU µs/event | lean / pydantic |",
+        "| router step, one core, no broker | before: pydantic, fastavro, CPU µs/event "
+        "| after: lean path, compiled writers, CPU µs/event | after / before |",
         "|---|---:|---:|---:|",
     ]
     for step, paths in results["pipelines"].items():
         lines.append(
-            f"| {step} | {paths['pydantic']:.1f} | {paths['lean']:.1f} | {paths['lean'] / paths['pydantic']:.2f} |"
+            f"| {step} | {paths['before']:.1f} | {paths['after']:.1f} | {paths['after'] / paths['before']:.2f} |"
         )
     lines.append(f"\nLeft to the pydantic path by the lean one: {results['lean_fallback_share']:.1%} of the workload.")
     return "\n".join(lines)

@@ -62,9 +62,15 @@ class Codec(Protocol):
 
 
 class SingleObjectCodec:
-    """Avro single-object encoding; needs no registry."""
+    """Avro single-object encoding; needs no registry.
 
-    def __init__(self, schemas: SchemaSet) -> None:
+    Args:
+        schemas: the contract.
+        compiled_writers: write with writers compiled from the schemas, fastavro only for
+            what they decline (False: fastavro alone, as a reference).
+    """
+
+    def __init__(self, schemas: SchemaSet, *, compiled_writers: bool = True) -> None:
         self._headers = {
             name: SINGLE_OBJECT_MAGIC + schema.fingerprint for name, schema in schemas.items()
         }
@@ -74,7 +80,10 @@ class SingleObjectCodec:
             name: _optional_records(schema.parsed) for name, schema in schemas.items()
         }
         # Tried first; fastavro writes what they decline, and says why a record does not fit.
-        self._writers = {name: compile_writer(schema.parsed) for name, schema in schemas.items()}
+        self._writers = {
+            name: compile_writer(schema.parsed) if compiled_writers else None
+            for name, schema in schemas.items()
+        }
         # fingerprint -> (what to call it in an error, writer schema, reader schema)
         self._readers = {
             fingerprint: (

@@ -8,11 +8,14 @@ generated at start-up from the same Avro schemas, and hands the encoder plain di
 
 It decides only where its answer is certainly the pydantic path's: every field of the
 exact JSON type the schema names (a string for a string, an integer in range for an
-int or a long, an object for a record), no field the schema does not know, no duplicate
-key. For anything else (a number sent as a string, an extra field, an unknown EventType,
-EventData sent as an object, broken input of any kind) it returns None, and the caller
-takes the pydantic path, which coerces what it can and words every dead letter. So a valid
-callback's record is the same either way, and every dead letter is the pydantic path's.
+int or a long, an object for a record), no duplicate key, and of the sender quirks only
+the two the workload shows, each handled as pydantic handles it: an int or long field sent
+as a plain decimal string (``"SampleRate": "44100"``), and EventData fields the schema does
+not know (kept in ``ExtraFields`` as JSON text). For anything else (another coercion, an
+unknown field deeper down, an unknown EventType, EventData sent as an object, broken input
+of any kind) it returns None, and the caller takes the pydantic path, which coerces what
+it can and words every dead letter. So a valid callback's record is the same either way,
+and every dead letter is the pydantic path's.
 
 Pure: no Kafka, no I/O.
 """
@@ -26,7 +29,7 @@ import msgspec
 
 from consumer.envelope import REQUIRED_FIELDS, SIGNATURE_FIELDS, parse_event_time
 from consumer.errors import ValidationError
-from consumer.events import Source
+from consumer.events import Source, to_json_text
 from consumer.schemas import SchemaSet
 
 # What the Avro record holds beside EventData: the lean path builds exactly these.
@@ -36,6 +39,9 @@ _SCALARS: Mapping[str, Any] = {
     "int": Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)],
     "long": Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)],
 }
+# An int sent as a string: only a plain decimal, whose value pydantic reads as int() does.
+_DECIMAL = Annotated[str, msgspec.Meta(pattern=r"^(-?[1-9][0-9]{0,18}|0)$")]
+_INT_RANGES = {"int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
 # A required envelope field must be a non-empty string (parse_envelope's rule).
 _REQUIRED_TEXT = Annotated[str, msgspec.Meta(min_length=1)]
 # gc=False: these Structs hold only strings, numbers, lists and dicts, never a cycle, so the
@@ -69,12 +75,15 @@ class RecordDecoder:
         self._encode = msgspec.json.Encoder().encode
         self._structs: dict[str, type[msgspec.Struct]] = {}
         self._data: dict[str, msgspec.json.Decoder] = {}
+        self._data_structs: dict[str, type[msgspec.Struct]] = {}
         for event_type in schemas.event_types:
             parsed = schemas[event_type].parsed
             try:
-                self._data[event_type] = msgspec.json.Decoder(self._event_data(parsed))
+                struct = self._event_data(parsed)
             except _Unsupported:
                 continue
+            self._data_structs[event_type] = struct
+            self._data[event_type] = msgspec.json.Decoder(struct)
 
     @property
     def event_types(self) -> frozenset[str]:
@@ -87,7 +96,7 @@ class RecordDecoder:
         accept it with extra fields or EventData as an object)."""
         try:
             envelope = self._envelope.decode(body)
-        except msgspec.MsgspecError:
+        except Exception:  # any doubt at all: the pydantic path decides, and says why
             return None
         return envelope if _unique_keys(body, self._encode(envelope), b":", b"\\u003") else None
 
@@ -99,12 +108,23 @@ class RecordDecoder:
         if decoder is None:
             return None
         text = envelope.EventData
+        extras: dict[str, str] = {}
         try:
-            data = decoder.decode(text)
             event_time_ms = parse_event_time(envelope.EventTime)
-        except (msgspec.MsgspecError, ValidationError):
+            data = decoder.decode(text)
+            unique = _unique_keys(text, self._encode(data), ":", "\\u003")
+        except ValidationError:
             return None
-        if not _unique_keys(text, self._encode(data), ":", "\\u003"):
+        except msgspec.ValidationError:  # perhaps fields the schema does not know
+            try:
+                data, extras, unique = self._with_extras(envelope.EventType, text)
+            except Exception:  # e.g. an extra value nested too deeply to write as JSON text
+                return None
+            if data is None:
+                return None
+        except Exception:  # any doubt at all: the pydantic path decides, and says why
+            return None
+        if not unique:
             return None
         return envelope.EventType, {
             "EventId": envelope.EventId,
@@ -115,8 +135,31 @@ class RecordDecoder:
             # Fields left at their default are omitted; the encoder writes the default.
             "EventData": msgspec.to_builtins(data),
             "Source": source.to_avro(),
-            "ExtraFields": {},
+            "ExtraFields": extras,
         }
+
+    def _with_extras(self, event_type: str, text: str) -> tuple[Any, dict[str, str], bool]:
+        """EventData with fields its schema does not know: ``(Struct, ExtraFields, whether
+        the keys were unique)``, or a None Struct where the pydantic path must decide."""
+        struct = self._data_structs[event_type]
+        try:
+            document = msgspec.json.decode(text)
+        except msgspec.MsgspecError:
+            return None, {}, False
+        if type(document) is not dict:
+            return None, {}, False
+        known = struct.__struct_fields__
+        extras = {
+            f"EventData.{key}": to_json_text(value) for key, value in document.items() if key not in known
+        }
+        if not extras:
+            return None, {}, False
+        try:
+            data = msgspec.convert({k: v for k, v in document.items() if k in known}, struct)
+        except msgspec.MsgspecError:
+            return None, {}, False
+        # Every key is in the document decoded as it came: the count needs no defaults.
+        return data, extras, _unique_keys(text, self._encode(document), ":", "\\u003")
 
     # -- Structs from the Avro schemas ---------------------------------------------------------
 
@@ -136,8 +179,14 @@ class RecordDecoder:
         name = record["name"]
         if name not in self._structs:
             fields = []
+            decimals: list[tuple[str, int, int]] = []
             for field in record["fields"]:
                 annotation = self._annotation(field["type"], named)
+                kind = _int_kind(field["type"])
+                if kind is not None:
+                    # A plain decimal string too; __post_init__ makes it the int.
+                    annotation = Optional[annotation | _DECIMAL] if _optional(field["type"]) else annotation | _DECIMAL  # noqa: UP007
+                    decimals.append((field["name"], *_INT_RANGES[kind]))
                 if "default" not in field:
                     fields.append((field["name"], annotation))
                     continue
@@ -145,9 +194,10 @@ class RecordDecoder:
                 if not (default is None or type(default) in (str, int)):
                     raise _Unsupported(f"{name}.{field['name']}: default {default!r}")
                 fields.append((field["name"], annotation, default))
+            namespace = {"__post_init__": _decimals_to_ints(tuple(decimals))} if decimals else None
             try:
                 self._structs[name] = msgspec.defstruct(
-                    name.rpartition(".")[2], fields, **_STRUCT_OPTIONS
+                    name.rpartition(".")[2], fields, namespace=namespace, **_STRUCT_OPTIONS
                 )
             except (TypeError, ValueError) as exc:  # a field name msgspec cannot take
                 raise _Unsupported(name) from exc
@@ -175,6 +225,37 @@ class RecordDecoder:
         if kind in _SCALARS:  # a primitive with a logicalType: the model takes it as the primitive
             return _SCALARS[kind]
         raise _Unsupported(kind)
+
+
+def _int_kind(avro_type: Any) -> str | None:
+    """``int`` or ``long`` for a field of that type (optional or not, a logicalType on it
+    included), else None."""
+    if isinstance(avro_type, list):
+        others = [member for member in avro_type if member != "null"]
+        return _int_kind(others[0]) if len(others) == 1 else None
+    if isinstance(avro_type, Mapping):
+        avro_type = avro_type.get("type")
+    return avro_type if avro_type in _INT_RANGES else None
+
+
+def _optional(avro_type: Any) -> bool:
+    return isinstance(avro_type, list) and "null" in avro_type
+
+
+def _decimals_to_ints(fields: tuple[tuple[str, int, int], ...]):
+    """A ``__post_init__`` turning the decimal strings of ``(field, low, high)`` into ints,
+    as pydantic's lax mode does; a value out of range fails the decode."""
+
+    def __post_init__(self) -> None:
+        for name, low, high in fields:
+            value = getattr(self, name)
+            if value.__class__ is str:
+                value = int(value)
+                if not low <= value <= high:
+                    raise ValueError(f"{name} is out of range")
+                setattr(self, name, value)
+
+    return __post_init__
 
 
 def _unique_keys(text, decoded, colon, colon_escape) -> bool:
