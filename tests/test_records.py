@@ -226,3 +226,18 @@ def _parts():
     from consumer.routing import RoutingTable
 
     return models(), RoutingTable(topic_prefix="unit"), SingleObjectCodec(contract())
+
+
+def test_in_the_confluent_wire_format_every_example_gives_the_same_record_both_ways():
+    from consumer.codec import ConfluentCodec
+    from consumer.events import models
+    from consumer.routing import RoutingTable
+
+    codec = ConfluentCodec(contract(), "mock://test-records")
+    parts = (models(), RoutingTable(topic_prefix="unit"), codec, SETTINGS.max_record_bytes)
+    confluent_lean, confluent_reference = Transform(*parts, RecordDecoder(contract())), Transform(*parts)
+    for example in load_examples():
+        value = body(example.event_type, example.event_data, Version=example.version)
+        outcome = confluent_lean.apply(raw(value), never_seen)
+        assert type(outcome) is Routed and outcome.value[:1] == b"\x00"
+        assert outcome == confluent_reference.apply(raw(value), never_seen), example.section

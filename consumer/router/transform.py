@@ -137,10 +137,11 @@ class Transform:
         self._budget = max_record_bytes - _BATCH_OVERHEAD_BYTES
         self._labels = {event_type: event_type for event_type in routing.event_types}
         self._records = records
-        # Per EventType, not per record: the header naming it.
+        # Per EventType and per schema and topic, not per record: the headers naming them.
         self._type_headers = {
             event_type: (HEADER_EVENT_TYPE, header_value(event_type)) for event_type in models
         }
+        self._schema_headers: dict[tuple[str, str], tuple[str, bytes]] = {}
 
     @classmethod
     def from_settings(
@@ -219,11 +220,12 @@ class Transform:
             raise
         except Exception:  # the pydantic path encodes it again and words the dead letter
             return None
-        headers = [
-            self._type_headers[event_type],
-            (HEADER_EVENT_ID, header_value(event_id)),
-            (HEADER_SCHEMA, header_value(self._codec.schema_id(schema_name, route.topic))),
-        ]
+        schema_header = self._schema_headers.get((schema_name, route.topic))
+        if schema_header is None:
+            schema_header = (HEADER_SCHEMA, header_value(self._codec.schema_id(schema_name, route.topic)))
+            if schema_header[1]:  # a registry's id is known only once a record was encoded
+                self._schema_headers[(schema_name, route.topic)] = schema_header
+        headers = [self._type_headers[event_type], (HEADER_EVENT_ID, header_value(event_id)), schema_header]
         key = message.key()
         if record_size(key, value, headers) > self._budget:
             return None
