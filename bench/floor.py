@@ -107,7 +107,7 @@ def _pipelines(
     envelopes = [parse_envelope(body) for body in bodies]
     typed = [event_models.to_record(e, source) for e in envelopes]
     lean_envelopes = [decoder.envelope(body) for body in bodies]
-    decided = [decoder.record(e, source) if e is not None else None for e in lean_envelopes]
+    decided = [decoder.record(*e, source) if e is not None else None for e in lean_envelopes]
     lean_typed = [t for t in decided if t is not None]
     lean_ready = [e for e, t in zip(lean_envelopes, decided) if t is not None]
 
@@ -125,7 +125,7 @@ def _pipelines(
         ("record (validate, dump, extras)", "before"): each(
             lambda e: event_models.to_record(e, source), envelopes),
         ("record (validate, dump, extras)", "after"): each(
-            lambda e: decoder.record(e, source), lean_ready),
+            lambda e: decoder.record(*e, source), lean_ready),
         ("Avro encode", "before"): each(lambda t: fastavro_alone.encode(t[0], t[1]), typed),
         ("Avro encode", "after"): each(lambda t: compiled.encode(t[0], t[1]), lean_typed),
         (WHOLE, "before"): routes["before"],

@@ -90,19 +90,27 @@ class RecordDecoder:
         """The EventTypes this decoder can decide."""
         return frozenset(self._data)
 
-    def envelope(self, body: bytes) -> Any | None:
-        """The envelope of ``body`` as a :data:`LeanEnvelope`, or None where
-        :func:`consumer.envelope.parse_envelope` must decide (it may refuse the body, or
-        accept it with extra fields or EventData as an object)."""
+    def envelope(self, body: bytes) -> tuple[Any, int] | None:
+        """The envelope of ``body`` as a :data:`LeanEnvelope` and its EventTime in epoch
+        milliseconds, or None where :func:`consumer.envelope.parse_envelope` must decide
+        (it may refuse the body, or accept it with extra fields or EventData as an object).
+
+        Everything ``parse_envelope`` checks is checked here, before the dedupe window is
+        asked: a body it refuses is a dead letter even when its EventId was seen."""
         try:
             envelope = self._envelope.decode(body)
+            event_time_ms = parse_event_time(envelope.EventTime)
         except Exception:  # any doubt at all: the pydantic path decides, and says why
             return None
-        return envelope if _unique_keys(body, self._encode(envelope), b":", b"\\u003") else None
+        if not _unique_keys(body, self._encode(envelope), b":", b"\\u003"):
+            return None
+        return envelope, event_time_ms
 
-    def record(self, envelope: Any, source: Source) -> tuple[str, dict[str, Any]] | None:
-        """``(schema name, Avro record)`` of a decoded envelope, exactly what
-        :meth:`consumer.events.EventModels.to_record` returns for it, or None where the
+    def record(
+        self, envelope: Any, event_time_ms: int, source: Source
+    ) -> tuple[str, dict[str, Any]] | None:
+        """``(schema name, Avro record)`` of an envelope :meth:`envelope` decoded, exactly
+        what :meth:`consumer.events.EventModels.to_record` returns for it, or None where the
         pydantic path must decide."""
         decoder = self._data.get(envelope.EventType)
         if decoder is None:
@@ -110,11 +118,8 @@ class RecordDecoder:
         text = envelope.EventData
         extras: dict[str, str] = {}
         try:
-            event_time_ms = parse_event_time(envelope.EventTime)
             data = decoder.decode(text)
             unique = _unique_keys(text, self._encode(data), ":", "\\u003")
-        except ValidationError:
-            return None
         except msgspec.ValidationError:  # perhaps fields the schema does not know
             try:
                 data, extras, unique = self._with_extras(envelope.EventType, text)

@@ -73,7 +73,7 @@ def decoder() -> RecordDecoder:
 
 def decides(decoder: RecordDecoder, value: bytes) -> bool:
     envelope = decoder.envelope(value)
-    return envelope is not None and decoder.record(envelope, SOURCE) is not None
+    return envelope is not None and decoder.record(*envelope, SOURCE) is not None
 
 
 def same_outcome(lean: Transform, reference: Transform, value: bytes):
@@ -200,6 +200,16 @@ def test_awkward_bodies_give_the_same_outcome_both_ways(lean, reference, case):
 def test_a_duplicate_key_is_never_decided_by_the_lean_path(decoder, lean, case):
     assert not decides(decoder, RAW_TEXTS[case])
     assert type(lean.apply(raw(RAW_TEXTS[case]), never_seen)) is DeadLetter
+
+
+@pytest.mark.parametrize("case", ["EventTime without offset", "Nonce null", "duplicate envelope key"])
+def test_a_body_the_envelope_refuses_is_a_dead_letter_even_when_its_eventid_was_seen(lean, reference, case):
+    def seen(_partition: int, _event_id: str) -> bool:
+        return True
+
+    outcome = lean.apply(raw(RAW_TEXTS[case]), seen)
+    assert type(outcome) is DeadLetter
+    assert outcome == reference.apply(raw(RAW_TEXTS[case]), seen)
 
 
 def test_a_duplicate_eventid_is_dropped_by_the_lean_path_too(lean, reference):

@@ -193,13 +193,13 @@ class Transform:
         if self._records is not None:
             lean = self._records.envelope(raw)
             if lean is not None:
-                outcome = self._route_lean(message, lean, seen)
+                outcome = self._route_lean(message, *lean, seen)
                 if outcome is not None:
                     return outcome
         return self._route_checked(message, raw, seen)
 
     def _route_lean(
-        self, message: Message, envelope, seen: Callable[[int, str], bool]
+        self, message: Message, envelope, event_time_ms: int, seen: Callable[[int, str], bool]
     ) -> Routed | Duplicate | None:
         """The outcome by the lean path, or None where the pydantic path must decide.
 
@@ -209,7 +209,8 @@ class Transform:
         partition = message.partition()
         if seen(partition, event_id):
             return Duplicate(event_id, self.label(event_type))
-        decided = self._records.record(envelope, Source(message.topic(), partition, message.offset()))
+        source = Source(message.topic(), partition, message.offset())
+        decided = self._records.record(envelope, event_time_ms, source)
         if decided is None:
             return None
         schema_name, record = decided
