@@ -190,7 +190,7 @@ class RecordDecoder:
                 kind = _int_kind(field["type"])
                 if kind is not None:
                     # A plain decimal string too; __post_init__ makes it the int.
-                    annotation = Optional[annotation | _DECIMAL] if _optional(field["type"]) else annotation | _DECIMAL  # noqa: UP007
+                    annotation = annotation | _DECIMAL
                     decimals.append((field["name"], *_INT_RANGES[kind]))
                 if "default" not in field:
                     fields.append((field["name"], annotation))
@@ -241,10 +241,6 @@ def _int_kind(avro_type: Any) -> str | None:
     if isinstance(avro_type, Mapping):
         avro_type = avro_type.get("type")
     return avro_type if avro_type in _INT_RANGES else None
-
-
-def _optional(avro_type: Any) -> bool:
-    return isinstance(avro_type, list) and "null" in avro_type
 
 
 def _decimals_to_ints(fields: tuple[tuple[str, int, int], ...]):
