@@ -160,6 +160,10 @@ def tables(results: dict) -> str:
         for step, us in floor["cpu_us_per_event"].items():
             lines.append(f"| {step} | {us:.1f} |")
         lines.append("")
+    if "pipelines" in floor:
+        from bench.floor import pipelines_table
+
+        lines += [pipelines_table(floor), ""]
     codec = results.get("codec", {})
     if "rows" in codec:
         lines += ["| codec | events/s | vs rtcbus codec |", "|---|---:|---:|"]

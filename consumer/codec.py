@@ -8,7 +8,9 @@
   confluent-kafka's ``AvroSerializer`` with ``TopicRecordNameStrategy``, because one
   domain topic carries several record types.
 
-Schemas are parsed once, at construction; encoding a record does no schema work.
+Schemas are parsed once, at construction; encoding a record does no schema work. The
+single-object codec writes with writers compiled from each schema (:mod:`consumer.avro_writer`)
+and leaves to fastavro every record they decline.
 
 Encoding always writes the current contract. Decoding also reads single-object records written
 with an earlier contract (``avro/history/``): the fingerprint names the old schema, which is the
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 import fastavro
 from fastavro.read import SchemaResolutionError
 
+from consumer.avro_writer import compile_writer
 from consumer.errors import EncodingError, InfrastructureError
 from consumer.schemas import EventSchema, SchemaSet
 
@@ -59,9 +62,15 @@ class Codec(Protocol):
 
 
 class SingleObjectCodec:
-    """Avro single-object encoding; needs no registry."""
+    """Avro single-object encoding; needs no registry.
 
-    def __init__(self, schemas: SchemaSet) -> None:
+    Args:
+        schemas: the contract.
+        compiled_writers: write with writers compiled from the schemas, fastavro only for
+            what they decline (False: fastavro alone, as a reference).
+    """
+
+    def __init__(self, schemas: SchemaSet, *, compiled_writers: bool = True) -> None:
         self._headers = {
             name: SINGLE_OBJECT_MAGIC + schema.fingerprint for name, schema in schemas.items()
         }
@@ -69,6 +78,11 @@ class SingleObjectCodec:
         self._ids = {name: schema.fingerprint.hex() for name, schema in schemas.items()}
         self._optional_records = {
             name: _optional_records(schema.parsed) for name, schema in schemas.items()
+        }
+        # Tried first; fastavro writes what they decline, and says why a record does not fit.
+        self._writers = {
+            name: compile_writer(schema.parsed) if compiled_writers else None
+            for name, schema in schemas.items()
         }
         # fingerprint -> (what to call it in an error, writer schema, reader schema)
         self._readers = {
@@ -84,6 +98,15 @@ class SingleObjectCodec:
         """Raises:
             EncodingError: the record does not fit the schema.
         """
+        writer = self._writers[name]
+        if writer is not None:
+            out = bytearray(self._headers[name])
+            try:
+                writer(record, out)
+            except Exception:  # Declined, or text that is not UTF-8: fastavro decides below
+                pass
+            else:
+                return bytes(out)
         buffer = io.BytesIO()
         buffer.write(self._headers[name])
         optional = self._optional_records[name]

@@ -123,7 +123,7 @@ class EventModels:
         Raises:
             ValidationError: as :meth:`validate`.
         """
-        extras = {key: _to_json(value) for key, value in envelope.extra.items()}
+        extras = {key: to_json_text(value) for key, value in envelope.extra.items()}
         if envelope.event_type not in self._models:
             envelope.event_data()  # broken JSON is a bad record even for an unknown type
             record = {
@@ -184,7 +184,7 @@ class EventModels:
 
     def _collect_extras(self, model: BaseModel, path: str, out: dict[str, str]) -> None:
         for key, value in (model.__pydantic_extra__ or {}).items():
-            out[f"{path}.{key}"] = _to_json(value)
+            out[f"{path}.{key}"] = to_json_text(value)
         for name in self._nested[type(model)]:
             value = getattr(model, name)
             if isinstance(value, BaseModel):
@@ -220,7 +220,7 @@ def _describe(exc: pydantic.ValidationError, envelope: Envelope) -> ValidationEr
     first = exc.errors(include_url=False)[0]
     path = ".".join(str(part) for part in first["loc"])
     value = first.get("input")
-    shown = "absent" if first["type"] == "missing" else f"value {_to_json(value)[:80]}"
+    shown = "absent" if first["type"] == "missing" else f"value {to_json_text(value)[:80]}"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return ValidationError(
         f"{envelope.event_type}: {path}: {first['msg']}, {shown}{more}",
@@ -230,5 +230,6 @@ def _describe(exc: pydantic.ValidationError, envelope: Envelope) -> ValidationEr
     )
 
 
-def _to_json(value: Any) -> str:
+def to_json_text(value: Any) -> str:
+    """``value`` as the JSON text ``ExtraFields`` holds: compact, not ASCII-escaped."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)

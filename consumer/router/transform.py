@@ -1,6 +1,9 @@
 """The router's pure step: one raw record in, one outcome out.
 
 parse the envelope → drop a duplicate → validate into the typed model → route → encode.
+Each record first takes the lean path (:mod:`consumer.records`: msgspec, no pydantic);
+where that cannot decide, the pydantic path decides, with the same result for a valid
+callback and the dead letter for any other.
 The outcome is a :class:`Routed` record for its domain topic, a :class:`Duplicate` to drop,
 or a :class:`DeadLetter` for the DLQ. The step is total: whatever a record holds (broken
 JSON, a lone surrogate, nesting deep enough to exhaust the stack, a value too large for
@@ -35,6 +38,7 @@ from consumer.envelope import (
 )
 from consumer.errors import CallbackError, EncodingError, InfrastructureError, ValidationError
 from consumer.events import EventModels, Source, models
+from consumer.records import RecordDecoder
 from consumer.routing import UNKNOWN_DOMAIN, RoutingTable
 from consumer.schemas import SchemaSet, contract
 
@@ -112,13 +116,19 @@ class Transform:
         routing: EventType → domain → topic; must route exactly the models' EventTypes.
         codec: the wire format.
         max_record_bytes: the largest record the output topics take, key and headers in.
+        records: the lean path, tried first for every record; None: the pydantic path alone.
 
     Raises:
         ConfigError: the routing table and the models disagree on the EventTypes.
     """
 
     def __init__(
-        self, models: EventModels, routing: RoutingTable, codec: Codec, max_record_bytes: int
+        self,
+        models: EventModels,
+        routing: RoutingTable,
+        codec: Codec,
+        max_record_bytes: int,
+        records: RecordDecoder | None = None,
     ) -> None:
         routing.require(models)
         self._models = models
@@ -126,16 +136,29 @@ class Transform:
         self._codec = codec
         self._budget = max_record_bytes - _BATCH_OVERHEAD_BYTES
         self._labels = {event_type: event_type for event_type in routing.event_types}
+        self._records = records
+        # Per EventType and per schema and topic, not per record: the headers naming them.
+        self._type_headers = {
+            event_type: (HEADER_EVENT_TYPE, header_value(event_type)) for event_type in models
+        }
+        self._schema_headers: dict[tuple[str, str], tuple[str, bytes]] = {}
 
     @classmethod
-    def from_settings(cls, settings: object, schemas: SchemaSet | None = None) -> Transform:
-        """The transform the settings describe, for ``schemas`` (default: the contract)."""
+    def from_settings(
+        cls, settings: object, schemas: SchemaSet | None = None, *, lean: bool = True
+    ) -> Transform:
+        """The transform the settings describe, for ``schemas`` (default: the contract).
+
+        Args:
+            lean: try the lean path first (False: the pydantic path alone, as a reference).
+        """
         schemas = schemas or contract()
         return cls(
             models() if schemas is contract() else EventModels(schemas),
             RoutingTable.from_settings(settings),
             codec_from_settings(settings, schemas),
             settings.max_record_bytes,  # type: ignore[attr-defined]
+            RecordDecoder(schemas) if lean else None,
         )
 
     @property
@@ -167,6 +190,52 @@ class Transform:
         raw = message.value()
         if raw is None:
             raise ValidationError("raw record has no value")
+        if self._records is not None:
+            lean = self._records.envelope(raw)
+            if lean is not None:
+                outcome = self._route_lean(message, *lean, seen)
+                if outcome is not None:
+                    return outcome
+        return self._route_checked(message, raw, seen)
+
+    def _route_lean(
+        self, message: Message, envelope, event_time_ms: int, seen: Callable[[int, str], bool]
+    ) -> Routed | Duplicate | None:
+        """The outcome by the lean path, or None where the pydantic path must decide.
+
+        Every failure leaves the record to the pydantic path, so that a dead letter's
+        reason is always worded by one path."""
+        event_type, event_id = envelope.EventType, envelope.EventId
+        partition = message.partition()
+        if seen(partition, event_id):
+            return Duplicate(event_id, self.label(event_type))
+        source = Source(message.topic(), partition, message.offset())
+        decided = self._records.record(envelope, event_time_ms, source)
+        if decided is None:
+            return None
+        schema_name, record = decided
+        route = self._routing.route(event_type)
+        try:
+            value = self._codec.encode(schema_name, record, route.topic)
+        except InfrastructureError:
+            raise
+        except Exception:  # the pydantic path encodes it again and words the dead letter
+            return None
+        schema_header = self._schema_headers.get((schema_name, route.topic))
+        if schema_header is None:
+            schema_header = (HEADER_SCHEMA, header_value(self._codec.schema_id(schema_name, route.topic)))
+            if schema_header[1]:  # a registry's id is known only once a record was encoded
+                self._schema_headers[(schema_name, route.topic)] = schema_header
+        headers = [self._type_headers[event_type], (HEADER_EVENT_ID, header_value(event_id)), schema_header]
+        key = message.key()
+        if record_size(key, value, headers) > self._budget:
+            return None
+        return Routed(route.topic, key, value, headers, event_id, self.label(event_type), route.domain)
+
+    def _route_checked(
+        self, message: Message, raw: bytes, seen: Callable[[int, str], bool]
+    ) -> Routed | Duplicate:
+        """The outcome by the pydantic path: every check, every coercion, every reason."""
         envelope = parse_envelope(raw)
         label = self.label(envelope.event_type)
         partition = message.partition()
