@@ -186,8 +186,9 @@ def restore(ids: int, kinds: Iterable[str] = WINDOWS) -> dict:
 
 
 def probe_costs(ids: int) -> dict:
-    """ns per ``seen`` miss, digest included, in each structure considered, holding ``ids``."""
-    import numpy as np
+    """ns per ``seen`` miss, digest included, in each structure considered, holding ``ids``.
+    numpy and cykhash come with matplotlib and the bench extra; without them (CI's dev
+    extra) their rows say "not installed"."""
     from preshed.maps import PreshMap
 
     present = [event_id(n) for n in range(ids)]
@@ -241,6 +242,11 @@ def probe_costs(ids: int) -> dict:
 
         timed("cykhash Int64toInt64Map, 1 table", in_cykhash)
 
+    try:
+        import numpy as np
+    except ImportError:
+        costs["numpy open addressing, Python probe"] = "not installed"
+        return {"ids": ids, "seen_miss_ns": costs}
     # Open addressing over numpy (linear probing, half full), probed from Python: what a
     # hand-rolled compact table costs per call.
     slots = 1 << max(4, (2 * ids - 1).bit_length())
