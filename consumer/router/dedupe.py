@@ -26,9 +26,12 @@ from xxhash import xxh3_128_digest as _xxh3_128
 
 # The committed EventIds of one partition sit in a few hash tables ("generations"), oldest
 # first, each spanning 1/GENERATIONS to 2/GENERATIONS of the window: expiry drops a whole
-# table, and a miss costs one probe per table (GENERATIONS + 2 at most, 4 to 5 in a full
-# window). More generations would expire more finely but probe more: bench/dedupe.py.
-GENERATIONS = 4
+# table, and a miss costs one probe per table (GENERATIONS + 2 at most, 6 to 7 in a full
+# window at a steady rate). More generations expire more finely, so fewer expired EventIds
+# are still held, but probe more. At 4 the window held about 21 % more EventIds than it
+# must (42 bytes per EventId at 300,000); at 8, 8 % (31 bytes), for about 4 probes more on
+# a miss, some 0.2 µs (`python -m bench.dedupe`, its memory table).
+GENERATIONS = 8
 
 _split = struct.Struct("<QQ").unpack
 
@@ -146,7 +149,7 @@ class DedupeWindow:
     """EventIds seen per partition, forgotten once older than the window.
 
     Committed EventIds are kept as 128-bit digests (:func:`event_digest`) in hash tables
-    with no Python object per entry: about 34 bytes per EventId in a window of a million,
+    with no Python object per entry: about 31–33 bytes per EventId in windows of 300,000 to a million,
     where a dict of the strings took about 250 (``bench/dedupe.py`` measures both). The open
     transaction's EventIds are kept as they are, apart, so that an abort forgets exactly them.
 
