@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import codec, dedupe, floor, latency, report, router, shim_bridge, shim_spool
+from bench import client_path, codec, dedupe, floor, latency, report, router, shim_bridge, shim_spool
 from bench.broker import bench_kafka
 from bench.workload import raw_records, weights
 
@@ -31,6 +31,7 @@ PROFILES = {
     "smoke": {
         "codec": {"seconds": 0.2, "rounds": 1, "events": 200},
         "floor": {"events": 200, "rounds": 1},
+        "client_path": {"events": 2000},
         "router": {"events": 300, "rounds": 1, "arms": ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook")},
         "intervals_drain": (),
         "router_shim_fill": {"events": 200, "rounds": 1},
@@ -45,6 +46,7 @@ PROFILES = {
     "quick": {
         "codec": {"seconds": 3, "rounds": 3, "events": 2000},
         "floor": {"events": 3000, "rounds": 3},
+        "client_path": {"events": 30000},
         "router": {"events": 30000, "rounds": 2, "arms": tuple(a.name for a in router.ARMS)},
         "intervals_drain": (20, 500),
         "router_shim_fill": {"events": 10000, "rounds": 2},
@@ -61,6 +63,7 @@ PROFILES = {
     "full": {
         "codec": {"seconds": 5, "rounds": 5, "events": 2000},
         "floor": {"events": 5000, "rounds": 5},
+        "client_path": {"events": 100000},
         "router": {"events": 100000, "rounds": 3, "arms": tuple(a.name for a in router.ARMS)},
         "intervals_drain": (20, 500, 1000),
         "router_shim_fill": {"events": 30000, "rounds": 3},
@@ -98,6 +101,8 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
 
     section("codec", lambda: codec.run(**sizes["codec"]))
     section("floor", lambda: floor.run(**sizes["floor"]))
+    # The other half of a drain's CPU: the Kafka client's calls, on the broker.
+    section("client_path", lambda: client_path.run(bootstrap, **sizes["client_path"]))
     records = raw_records(sizes["router"]["events"])
     arms = [a for a in router.ARMS if a.name in sizes["router"]["arms"]]
 

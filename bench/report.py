@@ -76,6 +76,35 @@ def targets(results: dict) -> list[dict]:
     ]
 
 
+def drain_split(results: dict) -> dict[str, float]:
+    """The rtcbus-eos drain's time per event, split by the sections that time its parts: the
+    pure step (``floor``), the Kafka client's calls and the commit's wait (``client_path``),
+    and what is left (the loop's own bookkeeping, the GIL handed to librdkafka's threads,
+    a core lost to the broker). Empty when a section is missing."""
+    eos = results.get("router", {}).get("arms", {}).get("rtcbus-eos", {})
+    client = results.get("client_path", {})
+    pure = results.get("floor", {}).get("pipelines", {}).get("Transform.apply and the window", {}).get("after")
+    if "events_per_s" not in eos or "caller_thread_us_per_event" not in client or pure is None:
+        return {}
+    wall = 1e6 / eos["events_per_s"]
+    calls = client["caller_thread_us_per_event"]
+    parts = {
+        "pure step (bench.floor: Transform.apply and the window)": pure,
+        "consume, caller thread": calls["consume"],
+        "produce with headers, caller thread": calls["produce with the router's headers"],
+        "of which the three headers": calls["produce with the router's headers"] - calls["produce without headers"],
+        "transaction calls, caller thread": calls["transaction, per record"],
+        "waiting for the commit (wall)": client["transaction_wall_us_per_event"],
+    }
+    accounted = sum(us for name, us in parts.items() if not name.startswith("of which"))
+    return {
+        "drain, wall time per event (1 / events/s)": wall,
+        "drain, CPU per event (all threads)": eos.get("cpu_us_per_event", float("nan")),
+        **parts,
+        "not accounted for by the parts": wall - accounted,
+    }
+
+
 def write(results: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{datetime.now():%Y-%m-%d}.json"
@@ -164,6 +193,16 @@ def tables(results: dict) -> str:
         from bench.floor import pipelines_table
 
         lines += [pipelines_table(floor), ""]
+    client = results.get("client_path", {})
+    if "caller_thread_us_per_event" in client:
+        from bench.client_path import table as client_table
+
+        lines += [client_table(client), ""]
+        split = drain_split(results)
+        if split:
+            lines += ["| where a drain of rtcbus-eos spends its time per event | µs |", "|---|---:|"]
+            lines += [f"| {name} | {us:.1f} |" for name, us in split.items()]
+            lines.append("")
     codec = results.get("codec", {})
     if "rows" in codec:
         lines += ["| codec | events/s | vs rtcbus codec |", "|---|---:|---:|"]

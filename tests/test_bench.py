@@ -36,11 +36,15 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     assert results["mode"] == "smoke"
     assert results["machine"]["versions"]["librdkafka"]
     assert len(results["workload"]["weights_pct"]) == 38
-    for section in ("codec", "floor", "router", "shim", "shim_spool", "latency", "dedupe"):
+    for section in ("codec", "floor", "client_path", "router", "shim", "shim_spool", "latency", "dedupe"):
         assert "error" not in results[section], results[section].get("traceback")
     assert all(row["events_per_s"] > 0 for row in results["codec"]["rows"].values())
     assert len(results["floor"]["cpu_us_per_event"]) == 8
     assert all(us > 0 for us in results["floor"]["cpu_us_per_event"].values())
+    assert set(results["floor"]["gc_collections"]) == {"0", "1", "2"}
+    client = results["client_path"]
+    assert client["routed"] > 0 and client["transaction_wall_us_per_event"] > 0
+    assert all(us > 0 for us in client["caller_thread_us_per_event"].values())
     # /proc counts CPU in 10 ms ticks: a smoke-sized drain may take less than one.
     assert all(arm["cpu_us_per_event"] >= 0 for arm in results["router"]["arms"].values()
                if arm["status"] == "ok")
