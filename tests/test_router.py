@@ -121,6 +121,75 @@ def test_the_dedupe_window_runs_on_the_brokers_clock_not_the_shims(kafka, tmp_pa
     assert all(m.timestamp()[1] < fast - 3000 * 1000 for m in raw)
 
 
+def _fails_its_first_commit(error: KafkaError) -> tuple[type[Producer], threading.Event]:
+    """A real producer class whose first commit with records fails with ``error`` (the
+    transaction is left open, as librdkafka leaves it after a fatal error), and the event
+    set when it did."""
+    failed = threading.Event()
+
+    class FailsItsFirstCommit(Producer):
+        def commit_transaction(self, *args):
+            if not failed.is_set():
+                failed.set()
+                raise KafkaException(error)
+            super().commit_transaction(*args)
+
+    return FailsItsFirstCommit, failed
+
+
+def test_a_fatal_producer_error_that_is_no_fence_replaces_the_producer_with_a_fixed_id(kafka, tmp_path):
+    """What the rolling restart of every broker once caused in the fault suite: librdkafka
+    declares the transactional producer fatally broken ("sequence desynchronization"). With
+    a transactional.id set by hand the router used to exit, as if fenced by another
+    instance; nobody else holds the id, so a successor producer is the cure. The open
+    transaction is aborted by the successor and redone: every EventId once."""
+    stack = Stack(kafka.bootstrap_servers, tmp_path, partitions=2)
+    settings = kafka.settings(
+        topic_prefix=stack.prefix, group_id=stack.group, partitions=2, metrics_port=0,
+        instance_id="fixed-0",
+    )
+    sent = [f"desync-{n}" for n in range(40)]
+    produce_raw(
+        stack,
+        [(f"room-{n % 4}", callback("UserJoinRoom", join(f"room-{n % 4}", "u", n), "s", event_id=e)) for n, e in enumerate(sent)],
+    )
+    desync = KafkaError(
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        "ProduceRequest failed due to sequence desynchronization with broker 2 (test)", fatal=True,
+    )
+    factory, failed = _fails_its_first_commit(desync)
+    router = Router(settings, producer_factory=factory)
+
+    with running(router) as errors:
+        wait_for(lambda: errors or failed.is_set(), 60, "the fatal error")
+        stack.wait_caught_up()
+    assert errors == []
+    assert router.registry.get_sample_value("rtcbus_router_producer_replacements_total") == 1
+    assert Counter(event_ids(stack, "room")) == Counter(sent)
+
+
+def test_a_fence_with_a_fixed_id_still_stops_the_router(kafka, tmp_path):
+    """The other side of the case above: with an id set by hand, a fence means another live
+    instance holds it, and this one must stop rather than fence it back."""
+    stack = Stack(kafka.bootstrap_servers, tmp_path, partitions=2)
+    settings = kafka.settings(
+        topic_prefix=stack.prefix, group_id=stack.group, partitions=2, metrics_port=0,
+        instance_id="fixed-0",
+    )
+    produce_raw(stack, [("room-0", callback("UserJoinRoom", join("room-0", "u", 0), "s", event_id="fenced-0"))])
+    factory, failed = _fails_its_first_commit(
+        KafkaError(KafkaError.PRODUCER_FENCED, "fenced by another instance (test)", fatal=True)
+    )
+    router = Router(settings, producer_factory=factory)
+
+    with running(router) as errors:
+        wait_for(lambda: errors, 60, "the router to stop on the fence")
+    assert failed.is_set()
+    assert [exc.args[0].code() for exc in errors] == [KafkaError.PRODUCER_FENCED]
+    assert router.registry.get_sample_value("rtcbus_router_producer_replacements_total") == 0
+    assert event_ids(stack, "room") == []
+
+
 def test_a_commit_whose_answer_is_lost_is_not_redone_twice(kafka, tmp_path):
     """The commit reaches the coordinator and commits; its answer never comes back (every
     later call of that producer times out). The router must find out from Kafka what was

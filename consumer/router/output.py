@@ -36,6 +36,10 @@ _GRACE_S = 5.0  # how long past its own timeout a librdkafka call may take befor
 Marker = tuple[int, bytes, int]  # (raw partition, changelog value, timestamp ms)
 
 
+# The errors that say another producer with this transactional.id has taken over.
+FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+
+
 class CommitResult(enum.Enum):
     COMMITTED = "committed"
     ABORTED = "aborted"
@@ -81,7 +85,9 @@ class TransactionalOutput:
             when the id is unique to this process: then only this process's own successor
             producer, or the coordinator aborting an expired transaction, can fence it.
             False for an id set by hand, where a fence means another live instance holds
-            it, and the older one must stop.
+            it, and the older one must stop. Any other fatal error (librdkafka's "sequence
+            desynchronization" after brokers restart, for one) is this producer's alone and
+            is cured by a successor either way.
         stopping: whether the router is asked to stop; retries end then.
         on_replace: called with the reason whenever the producer is replaced.
         producer_factory: builds the producer from its configuration (a test seam).
@@ -179,7 +185,7 @@ class TransactionalOutput:
             error is None
             or error.retriable()
             or error.code() == KafkaError._TIMED_OUT
-            or (error.fatal() and self._replace_when_fenced)
+            or (error.fatal() and (self._replace_when_fenced or error.code() not in FENCED))
         )
         if self._stopping() or not curable:
             raise exc
