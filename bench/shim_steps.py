@@ -23,16 +23,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from bench.floor import cpu_us
 from bench.workload import SECRET, raw_records
-
-
-def _best(rounds: int, count: int, run: Callable[[], None]) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.process_time()
-        run()
-        best = min(best, time.process_time() - started)
-    return best / count * 1e6
 
 
 def run(requests: int = 2000, rounds: int = 3) -> dict:
@@ -122,7 +114,7 @@ def run(requests: int = 2000, rounds: int = 3) -> dict:
         "json.loads of the body (for scale)": lambda: [json.loads(b) for b in bodies],
     }
     for name, step in steps.items():
-        figures[name] = _best(rounds, len(bodies), step)
+        figures[name] = cpu_us(step, len(bodies), rounds)
     return {"requests": requests, "rounds": rounds, "cpu_us_per_request": figures}
 
 
