@@ -227,9 +227,10 @@ class Ingest:
     # -- direct, cut-over, spooling ------------------------------------------------------------------
 
     def _on_delivery(self, waiting: _Waiting, delivery: asyncio.Future[Message]) -> None:
+        # Read first, even for a copy nobody waits for: asyncio logs an exception never read.
+        error = delivery.exception()
         if waiting not in self._waiting:
             return  # cut over to the spool already; this copy is a duplicate the router drops
-        error = delivery.exception()
         if error is None:
             self._release(waiting)
             waiting.answer.set_result(Stored.KAFKA)
@@ -410,10 +411,11 @@ class Ingest:
 
 def _chain(source: asyncio.Future[Stored], target: asyncio.Future[Stored]) -> None:
     def copy(done: asyncio.Future[Stored]) -> None:
+        error = done.exception()  # read even when the target is answered: see _on_delivery
         if target.done():
             return
-        if done.exception() is not None:
-            target.set_exception(done.exception())
+        if error is not None:
+            target.set_exception(error)
         else:
             target.set_result(done.result())
 
