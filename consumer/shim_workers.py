@@ -18,11 +18,13 @@ whole shim (``consumer.shim``): its own producer, its own delivery bridge, its o
   worker, as Prometheus expects of processes. Aggregating in one endpoint would need
   prometheus_client's multiprocess mode, which cannot serve the spool gauges (callback
   gauges) and changes every metric's storage.
-- **Signals.** SIGTERM or SIGINT to the parent is passed to every worker as SIGTERM; each
-  shuts down as one shim does (stop accepting, settle in-flight requests, drain the spool for
-  a while, flush) and the parent exits 0 when all of them did. A worker that exits on its
-  own stops the others, and the parent exits with its code: the orchestrator restarts the
-  whole shim and the spools, on disk, are forwarded by the next run.
+- **Signals.** The parent only supervises (``consumer.supervisor``). SIGTERM or SIGINT to the
+  parent is passed to every worker as SIGTERM; each shuts down as one shim does (stop
+  accepting, settle in-flight requests, drain the spool for a while, flush) and the parent
+  exits 0 when all of them did; a worker still running 60 s later is killed. A worker that
+  exits on its own stops the others, and the parent exits non-zero (its code, ``128 + N`` if
+  signal N ended it): the orchestrator restarts the whole shim and the spools, on disk, are
+  forwarded by the next run.
 - **Order.** Callbacks of one room that arrive on different connections may reach different
   workers, as with N shims behind a load balancer: each worker keeps the order of what it
   receives, and a sender that waits for a 200 before the next callback of a room keeps its
@@ -33,23 +35,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import signal
 import socket
 import sys
-from multiprocessing.connection import wait
 from pathlib import Path
 from types import FrameType
 
 from consumer.errors import ConfigError
 from consumer.settings import Settings
 from consumer.spool import SPOOL_FILE, Spool, SpoolError, SpoolRecord
+from consumer.supervisor import Member, supervise
 
 log = logging.getLogger(__name__)
 
 WORKER_DIR = "worker-{}"
 # Entries moved per round when adopting an orphaned spool.
 ADOPT_BATCH = 1000
+# How long a worker gets for its graceful path once the workers are being stopped; then it
+# is killed. That path has deadlines of its own, about 35 s at most: in-flight requests
+# (ack_timeout_s, under 5 s, for uvicorn and again for the lifespan), the spool drain and
+# the last flush (SHUTDOWN_FLUSH_S, 10 s, each).
+_STOP_TIMEOUT_S = 60.0
 
 
 def worker_settings(settings: Settings, index: int, port: int) -> Settings:
@@ -153,6 +159,11 @@ async def _adopt(orphans: list[Path], owners: list[Path], max_bytes: int) -> int
 def run_workers(settings: Settings, workers: int) -> int:
     """Serve the shim in ``workers`` processes until SIGTERM/SIGINT; the exit code.
 
+    Returns:
+        0 when every worker stopped on request and exited 0; else the exit status of the
+        first worker that failed (``128 + N`` if it was ended by signal N, 1 if it exited 0
+        unasked).
+
     Raises:
         ConfigError: the port cannot be bound, the admin ports would overlap the public
             one, or a spool is held by another process.
@@ -168,49 +179,25 @@ def run_workers(settings: Settings, workers: int) -> int:
     adopt_orphaned_spools(settings, workers)
     sockets = listening_sockets(settings.shim_host, settings.shim_port, workers)
     port = sockets[0].getsockname()[1]
-    # spawn, not fork: a worker starts with no threads and no client state of the parent.
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(
-            target=_serve_worker, args=(worker_settings(settings, i, port), sock),
-            name=f"rtcbus-shim-{i}",
-        )
+    members = [
+        Member(f"rtcbus-shim-{i}", _serve_worker, (worker_settings(settings, i, port), sock))
         for i, sock in enumerate(sockets)
     ]
-    stopping = False
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for process in processes:
-            if process.pid is not None and process.exitcode is None:
-                process.terminate()  # SIGTERM: each worker shuts down gracefully
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for process in processes:
-            process.start()
+    def close_sockets() -> None:
         # The workers hold their own copies: a socket left open here would take connections
         # nobody accepts once its worker is gone.
         for sock in sockets:
             sock.close()
         log.info("shim: %d workers on %s:%d", workers, settings.shim_host, port)
-        code = 0
-        remaining = list(processes)
-        while remaining:
-            wait([process.sentinel for process in remaining])
-            for process in [p for p in remaining if p.exitcode is not None]:
-                remaining.remove(process)
-                if process.exitcode != 0 and code == 0:
-                    code = process.exitcode if process.exitcode > 0 else 128 - process.exitcode
-                if not stopping:
-                    log.error("shim: %s exited with %s; stopping the others", process.name,
-                              process.exitcode)
-                    stop(signal.SIGTERM, None)
-        return code
+
+    try:
+        return supervise(
+            members, role="shim worker", stop_timeout_s=_STOP_TIMEOUT_S, on_started=close_sockets
+        )
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sock in sockets:
+            sock.close()  # if the start failed before close_sockets
 
 
 def _serve_worker(settings: Settings, sock: socket.socket) -> None:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 import httpx
@@ -43,16 +43,16 @@ def answers(url: str) -> bool:
         return False
 
 
-@pytest.mark.kafka
-def test_two_workers_store_every_200_and_stop_with_exit_0_on_sigterm(kafka, unique_name):
-    settings = raw_topic_settings(kafka.settings, unique_name)
+def start_workers(kafka, settings, *flags: str) -> tuple[subprocess.Popen, int, tuple[int, int], list[int]]:
+    """``rtcbus shim --workers 2`` on free ports, once both workers are ready: the command,
+    its public port, the workers' admin ports and the workers' pids."""
     first = free_ports(3)  # the public port, then one admin port per worker
     port, admin_ports = first, (first + 1, first + 2)
     shim = subprocess.Popen(
         [sys.executable, "-m", "consumer.cli", "--bootstrap-servers", kafka.bootstrap_servers,
          "--topic-prefix", settings.topic_prefix, "shim", "--port", str(port),
          "--admin-port", str(admin_ports[0]), "--secrets", SECRET,
-         "--spool-dir", str(settings.spool_path), "--workers", "2"],
+         "--spool-dir", str(settings.spool_path), "--workers", "2", *flags],
         stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -62,7 +62,28 @@ def test_two_workers_store_every_200_and_stop_with_exit_0_on_sigterm(kafka, uniq
         workers = [pid for pid in children_of(shim.pid)
                    if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == 2
+    except BaseException:
+        shim.kill()
+        shim.wait()
+        raise
+    return shim, port, admin_ports, workers
 
+
+def stored_via_kafka(admin_port: int) -> float:
+    return metric_samples(httpx.get(f"http://127.0.0.1:{admin_port}/metrics").text).get(
+        ("rtcbus_shim_stored_total", (("via", "kafka"),)), 0)
+
+
+def raw_event_ids(settings) -> set[str]:
+    return {json.loads(record.value())["EventId"]
+            for record in records_before_sentinels(settings, settings.raw_topic)}
+
+
+@pytest.mark.kafka
+def test_two_workers_store_every_200_and_stop_with_exit_0_on_sigterm(kafka, unique_name):
+    settings = raw_topic_settings(kafka.settings, unique_name)
+    shim, port, admin_ports, workers = start_workers(kafka, settings)
+    try:
         accepted = []
         for number in range(40):  # a connection each: the kernel spreads them over both
             callback = build_callback("UserJoinRoom", {"RoomId": f"room-{number % 5}", "UserId": "u"},
@@ -71,15 +92,9 @@ def test_two_workers_store_every_200_and_stop_with_exit_0_on_sigterm(kafka, uniq
             assert answer.status_code == 200, answer.text
             accepted.append(answer.json()["EventId"])
 
-        stored = [
-            metric_samples(httpx.get(f"http://127.0.0.1:{a}/metrics").text)
-            .get(("rtcbus_shim_stored_total", (("via", "kafka"),)), 0)
-            for a in admin_ports
-        ]
+        stored = [stored_via_kafka(a) for a in admin_ports]
         assert sum(stored) == len(accepted) and min(stored) > 0, stored  # both workers served
-        raw = {json.loads(record.value())["EventId"]
-               for record in records_before_sentinels(settings, settings.raw_topic)}
-        assert set(accepted) <= raw
+        assert set(accepted) <= raw_event_ids(settings)
 
         shim.send_signal(signal.SIGTERM)
         assert shim.wait(timeout=90) == 0, shim.communicate()[1][-3000:]
@@ -88,6 +103,48 @@ def test_two_workers_store_every_200_and_stop_with_exit_0_on_sigterm(kafka, uniq
         if shim.poll() is None:
             shim.kill()
             shim.wait()
+
+
+@pytest.mark.kafka
+def test_a_worker_killed_mid_stream_loses_no_200_and_fails_the_command(kafka, unique_name):
+    settings = raw_topic_settings(kafka.settings, unique_name)
+    # No spool: a 200 then means Kafka acknowledged the record (a spooled one would wait on
+    # the killed worker's disk for the next run).
+    shim, port, admin_ports, workers = start_workers(kafka, settings, "--no-spool")
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def send() -> None:  # a connection each: the kernel spreads them over both workers
+        for number in range(2000):
+            if stop.is_set():
+                return
+            callback = build_callback("UserJoinRoom", {"RoomId": f"room-{number % 5}", "UserId": "u"},
+                                      secret=SECRET)
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/callbacks", content=callback.body, timeout=10)
+            except httpx.HTTPError:
+                continue  # the killed worker's connections; not answered, so not promised
+            if answer.status_code == 200:
+                accepted.append(answer.json()["EventId"])
+
+    client = threading.Thread(target=send)
+    try:
+        client.start()
+        wait_for(lambda: all(stored_via_kafka(a) > 0 for a in admin_ports) and len(accepted) >= 40,
+                 120, "both workers to store callbacks")
+        assert client.is_alive(), "the kill must land mid-stream"
+        os.kill(workers[0], signal.SIGKILL)
+        assert shim.wait(timeout=90) == 128 + signal.SIGKILL, shim.communicate()[1][-3000:]
+        assert not is_running(workers[1])  # the supervisor stopped the survivor
+    finally:
+        stop.set()
+        client.join(60)
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()
+    assert not client.is_alive()
+    assert len(accepted) >= 40
+    assert set(accepted) <= raw_event_ids(settings)
 
 
 def spool_settings(root: Path):
