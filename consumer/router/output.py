@@ -173,7 +173,13 @@ class TransactionalOutput:
         return CommitResult.ABORTED
 
     def close(self) -> None:
-        self._producer.flush(10)
+        """Flush what is queued, best effort: a producer broken for good (librdkafka's fatal
+        state) cannot, and what it holds belongs to a transaction that never committed, so
+        nothing is lost. Raising here would hide the error that ended the run."""
+        try:
+            self._producer.flush(10)
+        except KafkaException as exc:
+            log.warning("the transactional producer could not flush at close: %s", exc.args[0].str())
 
     # -- replacement ------------------------------------------------------------------------
 
