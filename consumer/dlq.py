@@ -35,7 +35,9 @@ from consumer.envelope import (
 from consumer.errors import InfrastructureError
 from consumer.kafka.config import consumer_config, producer_config
 from consumer.router.transform import DeadLetter, Duplicate, Routed, Transform
-from consumer.topic_range import CALL_TIMEOUT_S, abort_transaction, due_ranges, partitions_of, read_batch, read_range
+from consumer.topic_range import (
+    CALL_TIMEOUT_S, abort_transaction, assign_due, commit_transaction, due_ranges, partitions_of, read_batch, read_range,
+)
 
 _BATCH = 500  # records per transaction
 _EXAMPLES = 5  # examples of still failing records in a redrive's summary
@@ -335,8 +337,7 @@ def redrive(
         if not dry_run:
             producer = Producer(producer_config(settings, transactional_id=group))
             producer.init_transactions(CALL_TIMEOUT_S)
-        consumer.assign([TopicPartition(topic, p, start) for p, (start, _end) in due.items()])
-        ends = {p: end for p, (_start, end) in due.items()}
+        ends = assign_due(consumer, topic, due)
         total = sum(end - start for start, end in due.values())
         read_to = {p: start for p, (start, _end) in due.items()}
         held: dict[int, int] = {}  # partition -> the first record not settled, never committed past
@@ -398,12 +399,7 @@ def _settle(
         for _letter, verdict in verdicts:
             if type(verdict) is Routed:
                 producer.produce(verdict.topic, verdict.value, key=verdict.key, headers=verdict.headers)
-        producer.send_offsets_to_transaction(
-            [TopicPartition(batch[0].topic(), p, o) for p, o in offsets.items()],
-            consumer.consumer_group_metadata(),
-            CALL_TIMEOUT_S,
-        )
-        producer.commit_transaction(CALL_TIMEOUT_S)
+        commit_transaction(producer, consumer, batch[0].topic(), offsets)
     # Counted once the transaction committed: a failed one counts nothing.
     for letter, verdict in verdicts:
         if verdict is None:

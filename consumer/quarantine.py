@@ -30,7 +30,6 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
-    TopicPartition,
 )
 from prometheus_client import CollectorRegistry, Counter
 
@@ -49,7 +48,9 @@ from consumer.envelope import (
 )
 from consumer.errors import CallbackError, ConfigError, InfrastructureError
 from consumer.kafka.config import consumer_config, producer_config
-from consumer.topic_range import CALL_TIMEOUT_S, abort_transaction, due_ranges, partitions_of, read_batch, read_range
+from consumer.topic_range import (
+    CALL_TIMEOUT_S, abort_transaction, assign_due, commit_transaction, due_ranges, partitions_of, read_batch, read_range,
+)
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +371,7 @@ def redrive(
         if not dry_run:
             producer = Producer(producer_config(settings, transactional_id=group))
             producer.init_transactions(CALL_TIMEOUT_S)
-        consumer.assign([TopicPartition(topic, p, start) for p, (start, _end) in due.items()])
-        ends = {p: end for p, (_start, end) in due.items()}
+        ends = assign_due(consumer, topic, due)
         while ends:
             batch = read_batch(consumer, topic, ends, batch_size)
             _settle(batch, verifier, producer, consumer, settings.raw_topic, summary, report)
@@ -407,12 +407,7 @@ def _settle(
         offsets: dict[int, int] = {}
         for message in batch:
             offsets[message.partition()] = message.offset() + 1
-        producer.send_offsets_to_transaction(
-            [TopicPartition(batch[0].topic(), p, o) for p, o in offsets.items()],
-            consumer.consumer_group_metadata(),
-            CALL_TIMEOUT_S,
-        )
-        producer.commit_transaction(CALL_TIMEOUT_S)
+        commit_transaction(producer, consumer, batch[0].topic(), offsets)
     # Counted and reported once the transaction committed: a failed one counts nothing.
     for message, verdict in verdicts:
         if verdict.failure is None:

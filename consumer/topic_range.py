@@ -3,8 +3,10 @@
 The quarantine's and the DLQ's redrives, their listings and the replay are bounded jobs over
 one topic: per partition, from a start (a group's committed offset, the beginning, an offset
 for a time) to the end offset seen when the job started. Records that arrive meanwhile are
-left for the next run, so a job always finishes. They read in batches, each settled in a
-transaction of its own by the caller; :func:`abort_transaction` ends one that failed.
+left for the next run, so a job always finishes. They read in batches (:func:`read_batch`);
+the redrives settle each in a transaction that carries their group's offsets
+(:func:`commit_transaction`), or abort it (:func:`abort_transaction`). The replay settles
+its batches with the router's ``TransactionalOutput`` instead.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ def due_ranges(consumer: Consumer, topic: str) -> tuple[dict[int, tuple[int, int
         if start < high:
             due[tp.partition] = (start, high)
     return due, expired
+
+
+def assign_due(consumer: Consumer, topic: str, due: dict[int, tuple[int, int]]) -> dict[int, int]:
+    """Assign ``consumer`` each partition of ``due`` (from :func:`due_ranges`) at its start.
+
+    Returns:
+        The ends by partition, for :func:`read_batch`.
+    """
+    consumer.assign([TopicPartition(topic, p, start) for p, (start, _end) in due.items()])
+    return {p: end for p, (_start, end) in due.items()}
 
 
 def read_batch(
@@ -135,6 +147,19 @@ def read_range(
             yield from read_batch(reader, topic, ends, _READ_BATCH)
     finally:
         reader.unassign()
+
+
+def commit_transaction(producer: Producer, consumer: Consumer, topic: str, offsets: dict[int, int]) -> None:
+    """Commit ``producer``'s open transaction with ``consumer``'s group offsets in it: by
+    partition of ``topic``, the next offset to read.
+
+    Raises:
+        KafkaException: the transaction could not be committed (:func:`abort_transaction`).
+    """
+    producer.send_offsets_to_transaction(
+        [TopicPartition(topic, p, o) for p, o in offsets.items()], consumer.consumer_group_metadata(), CALL_TIMEOUT_S
+    )
+    producer.commit_transaction(CALL_TIMEOUT_S)
 
 
 def abort_transaction(producer: Producer) -> None:

@@ -8,7 +8,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from consumer.errors import InfrastructureError, RtcbusError
 from consumer.kafka.config import consumer_config
-from consumer.topic_range import due_ranges, partitions_of, read_batch, read_range
+from consumer.topic_range import assign_due, due_ranges, partitions_of, read_batch, read_range
 
 pytestmark = pytest.mark.kafka
 
@@ -67,9 +67,7 @@ def test_batches_stop_at_the_ends_seen_at_the_start_though_more_arrives(kafka, m
         # Records that arrive after the start are already there to be fetched: the ends hold.
         fill(kafka, topic, 0, [b"late-0-%d" % i for i in range(5)])
         fill(kafka, topic, 1, [b"late-1-%d" % i for i in range(5)])
-        consumer.assign([TopicPartition(topic, p, start) for p, (start, _end) in due.items()])
-        ends = {p: end for p, (_start, end) in due.items()}
-        batches = read_all(consumer, topic, ends, batch_size=4)
+        batches = read_all(consumer, topic, assign_due(consumer, topic, due), batch_size=4)
     finally:
         consumer.close()
     assert all(0 < len(batch) <= 4 for batch in batches)
