@@ -14,6 +14,7 @@ import uuid
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, Message, Producer, TopicPartition
@@ -29,14 +30,14 @@ from consumer.envelope import (
     HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TOPIC,
     HEADER_TRUNCATED,
+    header_text,
 )
-from consumer.errors import InfrastructureError, RtcbusError
+from consumer.errors import InfrastructureError
 from consumer.kafka.config import consumer_config, producer_config
-
-# The quarantine's redrive reads a topic the same way: from a group's committed offsets to the
-# ends seen at the start, in batches, and aborts the same way. One copy of that code.
-from consumer.quarantine import _CALL_TIMEOUT_S, _abort, _due, _read_batch, _text, _utc
 from consumer.router.transform import DeadLetter, Duplicate, Routed, Transform
+from consumer.topic_range import (
+    CALL_TIMEOUT_S, abort_transaction, assign_due, commit_transaction, due_ranges, partitions_of, read_batch, read_range,
+)
 
 _BATCH = 500  # records per transaction
 _EXAMPLES = 5  # examples of still failing records in a redrive's summary
@@ -94,7 +95,7 @@ class Letter:
     ) -> Letter:
         try:
             source: tuple[str, int, int] | None = (
-                _text(headers[HEADER_SOURCE_TOPIC]) or "",
+                header_text(headers[HEADER_SOURCE_TOPIC]) or "",
                 int(headers[HEADER_SOURCE_PARTITION] or b""),
                 int(headers[HEADER_SOURCE_OFFSET] or b""),
             )
@@ -104,13 +105,13 @@ class Letter:
             partition=partition,
             offset=offset,
             timestamp_ms=timestamp_ms,
-            error_class=_text(headers.get(HEADER_ERROR_CLASS)) or "?",
-            field=_text(headers.get(HEADER_ERROR_FIELD)) or "",
-            reason=_text(headers.get(HEADER_ERROR_MESSAGE)) or "",
-            event_id=_text(headers.get(HEADER_EVENT_ID)),
-            event_type=_text(headers.get(HEADER_EVENT_TYPE)),
+            error_class=header_text(headers.get(HEADER_ERROR_CLASS)) or "?",
+            field=header_text(headers.get(HEADER_ERROR_FIELD)) or "",
+            reason=header_text(headers.get(HEADER_ERROR_MESSAGE)) or "",
+            event_id=header_text(headers.get(HEADER_EVENT_ID)),
+            event_type=header_text(headers.get(HEADER_EVENT_TYPE)),
             source=source if source and source[0] else None,
-            truncated=_text(headers.get(HEADER_TRUNCATED)),
+            truncated=header_text(headers.get(HEADER_TRUNCATED)),
         )
 
     @property
@@ -199,7 +200,8 @@ def list_dlq(settings: Any) -> DlqListing:
     listing = DlqListing()
     reader = Consumer(consumer_config_for_reading(settings, "list"))
     try:
-        for message in _read_all(reader, settings.dlq_topic, _low_marks(reader, settings.dlq_topic)):
+        starts = {p: OFFSET_BEGINNING for p in partitions_of(reader, settings.dlq_topic)}
+        for message in read_range(reader, settings.dlq_topic, starts):
             listing.add(Letter.from_message(message))
     finally:
         reader.close()
@@ -315,7 +317,7 @@ def redrive(
     consumer = Consumer(consumer_config(settings, group))
     producer: Producer | None = None
     try:
-        due = _due(consumer, topic, summary)
+        due, summary.expired = due_ranges(consumer, topic)
         if not due:
             return summary
         oldest, count = _oldest_taken(settings, due, filters)
@@ -334,14 +336,13 @@ def redrive(
         )
         if not dry_run:
             producer = Producer(producer_config(settings, transactional_id=group))
-            producer.init_transactions(_CALL_TIMEOUT_S)
-        consumer.assign([TopicPartition(topic, p, start) for p, (start, _end) in due.items()])
-        ends = {p: end for p, (_start, end) in due.items()}
+            producer.init_transactions(CALL_TIMEOUT_S)
+        ends = assign_due(consumer, topic, due)
         total = sum(end - start for start, end in due.values())
         read_to = {p: start for p, (start, _end) in due.items()}
         held: dict[int, int] = {}  # partition -> the first record not settled, never committed past
         while ends:
-            batch = _read_batch(consumer, topic, ends, batch_size)
+            batch = read_batch(consumer, topic, ends, batch_size)
             _settle(batch, transform, present, filters, held, producer, consumer, summary)
             for message in batch:
                 read_to[message.partition()] = message.offset() + 1
@@ -349,7 +350,7 @@ def redrive(
                 on_progress(total if not ends else sum(read_to[p] - due[p][0] for p in due), total)
     except BaseException as exc:
         if producer is not None:
-            _abort(producer)
+            abort_transaction(producer)
         if isinstance(exc, KafkaException):
             raise InfrastructureError(
                 f"redrive stopped, nothing of its open transaction written: {exc.args[0].str()}"
@@ -358,7 +359,7 @@ def redrive(
     finally:
         consumer.close()
         if producer is not None:
-            producer.flush(_CALL_TIMEOUT_S)
+            producer.flush(CALL_TIMEOUT_S)
     return summary
 
 
@@ -398,12 +399,7 @@ def _settle(
         for _letter, verdict in verdicts:
             if type(verdict) is Routed:
                 producer.produce(verdict.topic, verdict.value, key=verdict.key, headers=verdict.headers)
-        producer.send_offsets_to_transaction(
-            [TopicPartition(batch[0].topic(), p, o) for p, o in offsets.items()],
-            consumer.consumer_group_metadata(),
-            _CALL_TIMEOUT_S,
-        )
-        producer.commit_transaction(_CALL_TIMEOUT_S)
+        commit_transaction(producer, consumer, batch[0].topic(), offsets)
     # Counted once the transaction committed: a failed one counts nothing.
     for letter, verdict in verdicts:
         if verdict is None:
@@ -456,7 +452,7 @@ def _oldest_taken(settings: Any, due: dict[int, tuple[int, int]], filters: Filte
     count = 0
     try:
         starts = {p: start for p, (start, _end) in due.items()}
-        for message in _read_all(reader, settings.dlq_topic, starts, {p: end for p, (_s, end) in due.items()}):
+        for message in read_range(reader, settings.dlq_topic, starts, {p: end for p, (_s, end) in due.items()}):
             count += 1
             letter = Letter.from_message(message)
             if filters.take(letter):
@@ -478,18 +474,18 @@ def present_event_ids(settings: Any, topics: Iterable[str], since_ms: int) -> se
     reader = Consumer(consumer_config_for_reading(settings, "dedupe"))
     try:
         for topic in topics:
-            metadata = reader.list_topics(topic, timeout=_CALL_TIMEOUT_S).topics.get(topic)
+            metadata = reader.list_topics(topic, timeout=CALL_TIMEOUT_S).topics.get(topic)
             if metadata is None or metadata.error is not None:
                 continue
             # A timestamp below 0 would mean "latest" (-1) or "earliest" (-2) to Kafka.
             asked = [TopicPartition(topic, p, max(since_ms, 0)) for p in sorted(metadata.partitions)]
             starts = {}
-            for tp in reader.offsets_for_times(asked, timeout=_CALL_TIMEOUT_S):
+            for tp in reader.offsets_for_times(asked, timeout=CALL_TIMEOUT_S):
                 if tp.error is not None:
                     raise KafkaException(tp.error)
                 if tp.offset >= 0:  # else nothing that recent
                     starts[tp.partition] = tp.offset
-            for message in _read_all(reader, topic, starts):
+            for message in read_range(reader, topic, starts):
                 event_id = dict(message.headers() or ()).get(HEADER_EVENT_ID)
                 if event_id is not None:
                     present.add(event_id.decode("utf-8", "replace"))
@@ -506,35 +502,10 @@ def consumer_config_for_reading(settings: Any, purpose: str) -> dict[str, str]:
     return consumer_config(settings, f"rtcbus-dlq-{purpose}-{uuid.uuid4().hex[:12]}")
 
 
-def _low_marks(reader: Consumer, topic: str) -> dict[int, int]:
-    metadata = reader.list_topics(topic, timeout=_CALL_TIMEOUT_S).topics.get(topic)
-    if metadata is None or metadata.error is not None:
-        raise RtcbusError(f"topic not found: {topic} (`rtcbus topics create` makes it)")
-    return {p: OFFSET_BEGINNING for p in metadata.partitions}
-
-
-def _read_all(
-    reader: Consumer, topic: str, starts: dict[int, int], ends: dict[int, int] | None = None
-) -> Iterable[Message]:
-    """The committed records of ``topic`` from ``starts`` to ``ends`` (default: the high
-    watermarks now), partition by partition in offset order."""
-    if ends is None:
-        ends = {}
-        for p in starts:
-            _low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=_CALL_TIMEOUT_S)
-            ends[p] = high
-    # OFFSET_BEGINNING is below 0: a partition is read if it holds anything past its start.
-    ends = {p: end for p, end in ends.items() if end > max(starts[p], 0)}
-    if not ends:
-        return
-    reader.assign([TopicPartition(topic, p, starts[p]) for p in ends])
-    try:
-        while ends:
-            yield from _read_batch(reader, topic, ends, 1000)
-    finally:
-        reader.unassign()
-
-
 def to_json(listing: DlqListing) -> str:
     return json.dumps(listing.to_dict(), ensure_ascii=False)
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
 

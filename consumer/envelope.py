@@ -270,6 +270,11 @@ def raw_headers(envelope: Envelope, received_ms: int) -> list[tuple[str, bytes]]
     ]
 
 
+def header_text(value: bytes | None) -> str | None:
+    """A header's value as text (bytes that are not UTF-8 replaced), None if it is absent."""
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
 class SignatureVerifier:
     """Checks callback signatures against the active secrets, and EventTime against the clock.
 

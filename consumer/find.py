@@ -35,7 +35,7 @@ from consumer.audit import (
     TimeRange,
     read_pipeline,
 )
-from consumer.envelope import HEADER_ERROR_MESSAGE, HEADER_EVENT_ID, HEADER_RECEIVED_AT, parse_envelope
+from consumer.envelope import HEADER_ERROR_MESSAGE, HEADER_EVENT_ID, HEADER_RECEIVED_AT, header_text, parse_envelope
 from consumer.errors import RtcbusError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -309,13 +309,13 @@ def to_quarantined(message: Message) -> Quarantined:
     """A quarantine record as found: EventId from its header (else its body), the reason,
     when it was received. Never raises: the body is not trusted to be anything."""
     headers = {name: value for name, value in message.headers() or []}
-    received = _text(headers.get(HEADER_RECEIVED_AT))
+    received = header_text(headers.get(HEADER_RECEIVED_AT))
     if received is not None and received.isdigit():
         received_ms: int | None = int(received)
     else:
         kind, timestamp = message.timestamp()  # the shim's produce time: nearly the same moment
         received_ms = timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None
-    event_id, room = _text(headers.get(HEADER_EVENT_ID)), None
+    event_id, room = header_text(headers.get(HEADER_EVENT_ID)), None
     try:
         envelope = parse_envelope(message.value() or b"")
         event_id, room = envelope.event_id, envelope.key()
@@ -326,12 +326,8 @@ def to_quarantined(message: Message) -> Quarantined:
         received_ms,
         event_id,
         room,
-        _text(headers.get(HEADER_ERROR_MESSAGE)) or "",
+        header_text(headers.get(HEADER_ERROR_MESSAGE)) or "",
     )
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode("utf-8", "replace") if value is not None else None
 
 
 def _where(at: Coordinates) -> dict[str, Any]:

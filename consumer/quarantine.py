@@ -30,7 +30,6 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
-    TopicPartition,
 )
 from prometheus_client import CollectorRegistry, Counter
 
@@ -43,11 +42,15 @@ from consumer.envelope import (
     HEADER_REMOTE,
     HEADER_VERSION,
     SignatureVerifier,
+    header_text,
     parse_envelope,
     raw_headers,
 )
-from consumer.errors import CallbackError, ConfigError, InfrastructureError, RtcbusError
+from consumer.errors import CallbackError, ConfigError, InfrastructureError
 from consumer.kafka.config import consumer_config, producer_config
+from consumer.topic_range import (
+    CALL_TIMEOUT_S, abort_transaction, assign_due, commit_transaction, due_ranges, partitions_of, read_batch, read_range,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +61,7 @@ _HEADER_MAX_BYTES = 256
 _LOG_EVERY_S = 60.0
 DROP_REASONS = ("rate", "bytes", "error")
 
-# Redrive.
-_CALL_TIMEOUT_S = 30.0  # one metadata, offsets or transactional call
-_STALL_S = 60.0  # no record for this long while some are still due: Kafka is not answering
-_BATCH = 500  # records per transaction
+_BATCH = 500  # records per redrive transaction
 
 
 class QuarantineMetrics:
@@ -311,7 +311,7 @@ def recheck(message: Message, verifier: SignatureVerifier) -> Recheck:
     Total: returns a verdict for every record, never raises.
     """
     headers = dict(message.headers() or ())
-    event_id = _text(headers.get(HEADER_EVENT_ID))
+    event_id = header_text(headers.get(HEADER_EVENT_ID))
     received_ms = _received_ms(message, headers)
     try:
         envelope = parse_envelope(message.value() or b"")
@@ -365,73 +365,25 @@ def redrive(
     producer: Producer | None = None
     summary = RedriveSummary(dry_run=dry_run)
     try:
-        due = _due(consumer, topic, summary)
+        due, summary.expired = due_ranges(consumer, topic)
         if not due:
             return summary
         if not dry_run:
             producer = Producer(producer_config(settings, transactional_id=group))
-            producer.init_transactions(_CALL_TIMEOUT_S)
-        consumer.assign([TopicPartition(topic, p, start) for p, (start, _end) in due.items()])
-        ends = {p: end for p, (_start, end) in due.items()}
+            producer.init_transactions(CALL_TIMEOUT_S)
+        ends = assign_due(consumer, topic, due)
         while ends:
-            batch = _read_batch(consumer, topic, ends, batch_size)
+            batch = read_batch(consumer, topic, ends, batch_size)
             _settle(batch, verifier, producer, consumer, settings.raw_topic, summary, report)
     except KafkaException as exc:
         if producer is not None:
-            _abort(producer)
+            abort_transaction(producer)
         raise InfrastructureError(f"redrive stopped, nothing of its open transaction written: {exc.args[0].str()}") from exc
     finally:
         consumer.close()
         if producer is not None:
-            producer.flush(_CALL_TIMEOUT_S)
+            producer.flush(CALL_TIMEOUT_S)
     return summary
-
-
-def _due(consumer: Consumer, topic: str, summary: RedriveSummary) -> dict[int, tuple[int, int]]:
-    """Per partition, where to start (the committed offset) and the end seen now, if before it."""
-    metadata = consumer.list_topics(topic, timeout=_CALL_TIMEOUT_S).topics.get(topic)
-    if metadata is None or metadata.error is not None:
-        raise RtcbusError(f"topic not found: {topic} (`rtcbus topics create` makes it)")
-    partitions = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
-    committed = consumer.committed(partitions, timeout=_CALL_TIMEOUT_S)
-    due = {}
-    for tp in committed:
-        low, high = consumer.get_watermark_offsets(tp, timeout=_CALL_TIMEOUT_S)
-        if tp.offset >= 0 and tp.offset < low:
-            summary.expired += low - tp.offset
-        start = max(tp.offset, low) if tp.offset >= 0 else low
-        if start < high:
-            due[tp.partition] = (start, high)
-    return due
-
-
-def _read_batch(consumer: Consumer, topic: str, ends: dict[int, int], batch_size: int) -> list[Message]:
-    """Up to ``batch_size`` records below the ends; partitions that reached theirs leave ``ends``."""
-    batch: list[Message] = []
-    deadline = time.monotonic() + _STALL_S
-    while ends and len(batch) < batch_size:
-        messages = consumer.consume(batch_size - len(batch), timeout=0.5)
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(error)
-            if message.offset() < ends.get(message.partition(), -1):
-                batch.append(message)
-        # By position, not by the last record: offsets a transaction marker takes are never
-        # delivered, so a partition may end without a record at end - 1.
-        for tp in consumer.position([TopicPartition(topic, p) for p in list(ends)]):
-            if tp.offset >= ends[tp.partition]:
-                consumer.pause([TopicPartition(topic, tp.partition)])
-                del ends[tp.partition]
-        if batch and not messages:
-            break  # settle what there is rather than wait for a full batch
-        if not messages and time.monotonic() > deadline:
-            raise InfrastructureError(
-                f"no record of {topic} within {_STALL_S:.0f} s, though partitions {sorted(ends)} are not read to the end"
-            )
-    return batch
 
 
 def _settle(
@@ -455,12 +407,7 @@ def _settle(
         offsets: dict[int, int] = {}
         for message in batch:
             offsets[message.partition()] = message.offset() + 1
-        producer.send_offsets_to_transaction(
-            [TopicPartition(batch[0].topic(), p, o) for p, o in offsets.items()],
-            consumer.consumer_group_metadata(),
-            _CALL_TIMEOUT_S,
-        )
-        producer.commit_transaction(_CALL_TIMEOUT_S)
+        commit_transaction(producer, consumer, batch[0].topic(), offsets)
     # Counted and reported once the transaction committed: a failed one counts nothing.
     for message, verdict in verdicts:
         if verdict.failure is None:
@@ -477,23 +424,12 @@ def _settle(
         )
 
 
-def _abort(producer: Producer) -> None:
-    try:
-        producer.abort_transaction(_CALL_TIMEOUT_S)
-    except KafkaException as exc:  # no open transaction, or fenced: the broker settles it
-        log.warning("abort after a failed redrive: %s", exc.args[0].str())
-
-
 def _received_ms(message: Message, headers: dict[str, bytes | None]) -> int | None:
-    text = _text(headers.get(HEADER_RECEIVED_AT))
+    text = header_text(headers.get(HEADER_RECEIVED_AT))
     if text is not None and text.isdigit():
         return int(text)
     kind, timestamp = message.timestamp()  # the shim's produce time: nearly the same moment
     return timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode("utf-8", "replace") if value is not None else None
 
 
 # -- listing --------------------------------------------------------------------------------
@@ -540,31 +476,25 @@ def list_quarantine(settings: Any) -> QuarantineListing:
     topic = settings.quarantine_topic
     redrive_group = Consumer(consumer_config(settings, f"{settings.group_id}-quarantine-redrive"))
     try:
-        due = _due(redrive_group, topic, RedriveSummary())
+        due, _expired = due_ranges(redrive_group, topic)
     finally:
         redrive_group.close()
     reader = Consumer(consumer_config(settings, f"rtcbus-quarantine-list-{uuid.uuid4().hex[:12]}"))
     listing = QuarantineListing()
     try:
-        metadata = reader.list_topics(topic, timeout=_CALL_TIMEOUT_S).topics[topic]
-        ends = {}
-        for p in metadata.partitions:
-            _low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=_CALL_TIMEOUT_S)
-            ends[p] = high
-        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        while ends:
-            for message in _read_batch(reader, topic, ends, _BATCH):
-                headers = dict(message.headers() or ())
-                reason = _text(headers.get(HEADER_ERROR_MESSAGE)) or "?"
-                app = _text(headers.get(HEADER_APP_ID)) or "?"
-                listing.by_reason_and_app[(reason, app)] += 1
-                start = due.get(message.partition(), (None, None))[0]
-                if start is not None and message.offset() >= start:
-                    listing.pending += 1
-                received = _received_ms(message, headers)
-                if received is not None:
-                    listing.first_received_ms = min(received, listing.first_received_ms or received)
-                    listing.last_received_ms = max(received, listing.last_received_ms or received)
+        starts = {p: OFFSET_BEGINNING for p in partitions_of(reader, topic)}
+        for message in read_range(reader, topic, starts):
+            headers = dict(message.headers() or ())
+            reason = header_text(headers.get(HEADER_ERROR_MESSAGE)) or "?"
+            app = header_text(headers.get(HEADER_APP_ID)) or "?"
+            listing.by_reason_and_app[(reason, app)] += 1
+            start = due.get(message.partition(), (None, None))[0]
+            if start is not None and message.offset() >= start:
+                listing.pending += 1
+            received = _received_ms(message, headers)
+            if received is not None:
+                listing.first_received_ms = min(received, listing.first_received_ms or received)
+                listing.last_received_ms = max(received, listing.last_received_ms or received)
     finally:
         reader.close()
     return listing

@@ -35,23 +35,14 @@ from pathlib import Path
 import httpx
 
 from consumer.errors import RegistryLaunchError
+from consumer.maven import find_pom, run_mvn
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 # In a source checkout the pom is in deploy/; a wheel carries it beside this module.
-POM = next(
-    (
-        path
-        for path in (
-            Path(__file__).resolve().parents[1] / "deploy" / "registry" / "pom.xml",
-            Path(__file__).resolve().parent / "registry_pom.xml",
-        )
-        if path.is_file()
-    ),
-    Path(__file__).resolve().parents[1] / "deploy" / "registry" / "pom.xml",
-)
+POM = find_pom("registry", packaged=Path(__file__).with_name("registry_pom.xml"))
 # About 190 MB of RSS instead of 250 with the JVM's defaults; ample for a development registry.
 JVM_OPTIONS = ("-Xmx128m", "-XX:+UseSerialGC", "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true")
 CCOMPAT_PATH = "/apis/ccompat/v7"
@@ -79,26 +70,16 @@ def provision(settings: Settings) -> Path:
     dist = settings.home / "registry" / "dist" / version
     if runner_jar(dist, version).is_file():
         return dist
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise RegistryLaunchError("Maven (mvn) is not on PATH: the local Schema Registry comes from Maven Central")
-    if not POM.is_file():
-        raise RegistryLaunchError(f"{POM} is missing (it comes with a source checkout)")
     dist.parent.mkdir(parents=True, exist_ok=True)
     # Unpack into a staging directory and rename it into place, so an interrupted fetch
     # never leaves a cache that looks complete.
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dist.parent))
     try:
         log.info("Fetching Apicurio Registry %s from Maven Central into %s ...", version, dist.parent)
-        command = [
-            mvn, "-q", "-B", "-f", str(POM), f"-Dapicurio.version={version}",
-            f"-Dunpack.directory={staging}", "dependency:unpack",
-        ]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0 or not runner_jar(staging, version).is_file():
-            errors = [line for line in result.stdout.splitlines() if line.startswith("[ERROR]")]
-            reason = errors[0].removeprefix("[ERROR]").strip() if errors else (result.stderr.strip() or "no runner jar")
-            raise RegistryLaunchError(f"mvn could not resolve Apicurio Registry {version}: {reason[:500]}")
+        arguments = [f"-Dapicurio.version={version}", f"-Dunpack.directory={staging}", "dependency:unpack"]
+        run_mvn(POM, arguments, f"Apicurio Registry {version}", RegistryLaunchError)
+        if not runner_jar(staging, version).is_file():
+            raise RegistryLaunchError(f"mvn could not resolve Apicurio Registry {version}: no runner jar")
         try:
             staging.rename(dist)
         except OSError:

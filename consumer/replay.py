@@ -31,13 +31,12 @@ and the offsets move past them.
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from consumer.envelope import HEADER_ERROR_MESSAGE
@@ -46,11 +45,10 @@ from consumer.kafka.config import admin_config, consumer_config
 from consumer.router.dedupe import DedupeLog, DedupeWindow, marker_records
 from consumer.router.output import CommitResult, TransactionalOutput
 from consumer.router.transform import DeadLetter, Duplicate, Routed, Transform
+from consumer.topic_range import CALL_TIMEOUT_S, read_batch
 
 log = logging.getLogger(__name__)
 
-_CALL_TIMEOUT_S = 30.0  # one metadata or offsets call
-_STALL_S = 60.0  # no record for this long while some are still due: Kafka is not answering
 _BATCH = 500  # raw records per transaction
 
 # on_progress(raw offsets done, raw offsets in the range)
@@ -211,7 +209,7 @@ def _offset_range(settings: Any, topic: str, partitions: int, since_ms: int, unt
 
     def offsets(spec: OffsetSpec) -> dict[int, int]:
         futures = admin.list_offsets(
-            {tp: spec for tp in tps}, isolation_level=IsolationLevel.READ_UNCOMMITTED, request_timeout=_CALL_TIMEOUT_S
+            {tp: spec for tp in tps}, isolation_level=IsolationLevel.READ_UNCOMMITTED, request_timeout=CALL_TIMEOUT_S
         )
         return {tp.partition: future.result().offset for tp, future in futures.items()}
 
@@ -257,7 +255,8 @@ class _Replay:
             on_progress(done, total)
         self._consumer.assign([TopicPartition(self._raw_topic, p, positions[p]) for p in ends])
         while ends:
-            batch = self._read_batch(ends, batch_size)
+            unfinished = dict(ends)
+            batch = read_batch(self._consumer, self._raw_topic, ends, batch_size)
             pending = ReplaySummary(to_prefix)
             processed: dict[int, int] = {}
             markers: dict[int, list[tuple[str, int]]] = {}
@@ -269,8 +268,8 @@ class _Replay:
                 done += 1
                 if on_progress is not None:
                     on_progress(done, total)
-            for p, position in self._finished(ends).items():
-                processed[p] = position  # past the end: control records, or nothing left
+            for p in unfinished.keys() - ends.keys():
+                processed[p] = unfinished[p]  # read to its end: past control records, or nothing left
             offsets = [TopicPartition(self._raw_topic, p, o) for p, o in processed.items()]
             result = self._output.commit(offsets, self._consumer, marker_records(markers))
             self.in_transaction = False
@@ -290,7 +289,7 @@ class _Replay:
         """Per partition, where to go on: the replay group's committed offset within the
         range, else the range's start; the dedupe window restored from the target's changelog."""
         committed = self._consumer.committed(
-            [TopicPartition(self._raw_topic, p) for p in ranges], timeout=_CALL_TIMEOUT_S
+            [TopicPartition(self._raw_topic, p) for p in ranges], timeout=CALL_TIMEOUT_S
         )
         positions = {}
         for tp in committed:
@@ -301,55 +300,6 @@ class _Replay:
             if start < positions[tp.partition] < end:
                 self._window.restore(tp.partition, self._log.markers(tp.partition, positions[tp.partition]))
         return positions
-
-    def _read_batch(self, ends: dict[int, int], batch_size: int) -> list[Message]:
-        """Up to ``batch_size`` records below the ends, or fewer, once none arrive at once."""
-        batch: list[Message] = []
-        idle_since: float | None = None
-        while len(batch) < batch_size:
-            messages = self._consumer.consume(batch_size - len(batch), timeout=0.5)
-            for message in messages:
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        continue
-                    raise KafkaException(error)
-                if message.offset() < ends.get(message.partition(), -1):
-                    batch.append(message)
-            if batch and not messages:
-                break
-            if self._at_ends(ends):
-                break
-            if messages:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > _STALL_S:
-                raise InfrastructureError(
-                    f"no record of {self._raw_topic} within {_STALL_S:.0f} s, though partitions "
-                    f"{sorted(ends)} are not read to their end"
-                )
-        return batch
-
-    def _positions(self, ends: dict[int, int]) -> dict[int, int]:
-        return {
-            tp.partition: tp.offset
-            for tp in self._consumer.position([TopicPartition(self._raw_topic, p) for p in ends])
-        }
-
-    def _at_ends(self, ends: dict[int, int]) -> bool:
-        # By position, not by the last record: offsets a transaction marker takes are never
-        # delivered, so a partition may end without a record at end - 1.
-        return all(self._positions(ends).get(p, -1) >= end for p, end in ends.items())
-
-    def _finished(self, ends: dict[int, int]) -> dict[int, int]:
-        """The partitions read to their end: paused, left out of ``ends``, with their end."""
-        finished = {}
-        for p, position in self._positions(ends).items():
-            if position >= ends[p]:
-                finished[p] = ends.pop(p)
-                self._consumer.pause([TopicPartition(self._raw_topic, p)])
-        return finished
 
     def _handle(self, message: Message, pending: ReplaySummary, markers: dict[int, list[tuple[str, int]]]) -> None:
         """One raw record → a domain record, a DLQ record, or nothing (a duplicate, skipped)."""

@@ -49,23 +49,14 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from consumer.errors import KafkaLaunchError
+from consumer.maven import find_pom, run_mvn
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 # In a source checkout the pom is in deploy/; a wheel carries it beside this module.
-POM = next(
-    (
-        path
-        for path in (
-            Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml",
-            Path(__file__).resolve().parent / "pom.xml",
-        )
-        if path.is_file()
-    ),
-    Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml",
-)
+POM = find_pom("kafka", packaged=Path(__file__).with_name("pom.xml"))
 LOG4J2_CONFIG = Path(__file__).with_name("log4j2.xml")
 RELEASE_ARCHIVE_URLS = (
     "https://downloads.apache.org/kafka/{version}/kafka_2.13-{version}.tgz",
@@ -133,22 +124,12 @@ def _has_kafka_jars(dist: Path) -> bool:
 
 
 def _fetch_with_maven(version: str, target: Path) -> None:
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise KafkaLaunchError("Maven (mvn) is not on PATH")
-    if not POM.is_file():
-        raise KafkaLaunchError(f"{POM} is missing (it comes with a source checkout)")
     log.info("Fetching Kafka %s from Maven Central into %s ...", version, target.parent)
-    command = [
-        mvn, "-q", "-B", "-f", str(POM), f"-Dkafka.version={version}",
-        "dependency:copy-dependencies", "-DincludeScope=runtime",
+    arguments = [
+        f"-Dkafka.version={version}", "dependency:copy-dependencies", "-DincludeScope=runtime",
         f"-DoutputDirectory={target / 'libs'}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        errors = [line for line in result.stdout.splitlines() if line.startswith("[ERROR]")]
-        reason = errors[0].removeprefix("[ERROR]").strip() if errors else result.stderr.strip()
-        raise KafkaLaunchError(f"mvn could not resolve Kafka {version}: {reason[:500]}")
+    run_mvn(POM, arguments, f"Kafka {version}", KafkaLaunchError)
 
 
 def _fetch_release_archive(version: str, target: Path) -> None:
