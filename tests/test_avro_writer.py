@@ -153,6 +153,14 @@ def test_the_codec_encodes_as_fastavro_alone_or_fails_as_it_does(name, data):
     except Exception as exc:  # then the codec fails as fastavro does: the same error, or wrapped
         with pytest.raises(Exception) as raised:
             codec.encode(name, record)
-        assert type(raised.value) in (EncodingError, type(exc)) and str(exc) in str(raised.value)
+        assert type(raised.value) in (EncodingError, type(exc))
+        if str(exc) not in str(raised.value):
+            # A record with more than one bad value: the compiled writer, writing field by
+            # field, may name another one first (a surrogate in Source.Topic, where fastavro
+            # named the out-of-range Source.Offset that fails its union). Its reason must then
+            # be a real fault of a value, as Python raised it writing that value.
+            cause = raised.value.__cause__
+            assert isinstance(cause, (ValueError, TypeError, OverflowError)), (exc, raised.value)
+            assert str(cause) in str(raised.value)
         return
     assert codec.encode(name, record) == expected
