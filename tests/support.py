@@ -208,6 +208,17 @@ class Stack:
         poster = client or httpx
         return poster.post(self.url, content=body, timeout=10).status_code
 
+    def wait_spool_empty(self, timeout_s: float = 60) -> None:
+        """Until the shim's spool holds nothing: what it took has been forwarded to raw."""
+        url = f"http://127.0.0.1:{self.env['RTCBUS_SHIM_ADMIN_PORT']}/metrics"
+
+        def empty() -> bool:
+            lines = httpx.get(url, timeout=5).text.splitlines()
+            [depth] = [line for line in lines if line.startswith("rtcbus_shim_spool_depth ")]
+            return float(depth.split()[1]) == 0
+
+        wait_for(empty, timeout_s, "the shim's spool to be forwarded", 0.25)
+
     def wait_caught_up(self, timeout_s: float = 90) -> None:
         """Until the router group's committed offsets reach the end of the raw topic."""
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group})
