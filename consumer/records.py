@@ -27,7 +27,14 @@ from typing import Annotated, Any, Optional
 
 import msgspec
 
-from consumer.envelope import REQUIRED_FIELDS, SIGNATURE_FIELDS, parse_event_time
+from consumer.envelope import (
+    REQUIRED_FIELDS,
+    SIGNATURE_FIELDS,
+    Envelope,
+    parse_envelope,
+    parse_event_time,
+    partition_key,
+)
 from consumer.errors import ValidationError
 from consumer.events import Source, to_json_text
 from consumer.schemas import SchemaSet
@@ -57,6 +64,82 @@ LeanEnvelope = msgspec.defstruct(
 LeanEnvelope.__doc__ = """The callback envelope as the lean path decoded it: the vendor's field names."""
 
 
+# EventData with more containers than this takes the strict parser for its key: json and
+# msgspec both stop at the interpreter's recursion limit, but not at the same depth.
+_KEY_MAX_CONTAINERS = 100
+
+
+class EnvelopeDecoder:
+    """The callback envelope from a body's bytes, as :func:`consumer.envelope.parse_envelope`
+    reads it, at a fraction of its cost: msgspec decodes where that is certain to be the
+    strict parser's answer, and the strict parser decides the rest (and words every refusal).
+
+    Shared by the shim (the envelope and the record key of every request) and the router's
+    lean path (:class:`RecordDecoder`).
+    """
+
+    def __init__(self) -> None:
+        self._decode = msgspec.json.Decoder(LeanEnvelope).decode
+        self._encode = msgspec.json.Encoder().encode
+
+    def lean(self, body: bytes) -> tuple[Any, int] | None:
+        """The envelope of ``body`` as a :data:`LeanEnvelope` and its EventTime in epoch
+        milliseconds, or None where :func:`consumer.envelope.parse_envelope` must decide
+        (it may refuse the body, or accept it with extra fields or EventData as an object).
+
+        Everything ``parse_envelope`` checks is checked here: strict UTF-8 and JSON (msgspec
+        refuses NaN, Infinity, numbers out of range, a byte order mark, lone surrogates and
+        raw control characters in strings, as the strict parser does), every field a string,
+        the required ones non-empty, no unknown field, no duplicate key."""
+        try:
+            envelope = self._decode(body)
+            event_time_ms = parse_event_time(envelope.EventTime)
+        except Exception:  # any doubt at all: the strict parser decides, and says why
+            return None
+        if not _unique_keys(body, self._encode(envelope), b":", b"\\u003"):
+            return None
+        return envelope, event_time_ms
+
+    def parse(self, body: bytes) -> tuple[Envelope, str]:
+        """``parse_envelope(body)`` and that envelope's ``key()``: the same values, and the
+        same :class:`consumer.errors.ValidationError` for a body it refuses.
+
+        Raises:
+            ValidationError: as ``parse_envelope``.
+        """
+        lean = self.lean(body)
+        if lean is None:
+            envelope = parse_envelope(body)
+            return envelope, envelope.key()
+        fields, event_time_ms = lean
+        envelope = Envelope(
+            event_type=fields.EventType,
+            event_data_text=fields.EventData,
+            event_time=fields.EventTime,
+            event_time_ms=event_time_ms,
+            event_id=fields.EventId,
+            app_id=fields.AppId,
+            version=fields.Version,
+            nonce=fields.Nonce,
+            signature=fields.Signature,
+        )
+        return envelope, self._key(envelope)
+
+    def _key(self, envelope: Envelope) -> str:
+        """``envelope.key()``: EventData decoded by msgspec where its reading is certainly
+        the strict parser's (unique keys, nesting far from the recursion limit), else by
+        the strict parser, which also decides what a broken EventData gets."""
+        text = envelope.event_data_text
+        if text.count("{") + text.count("[") <= _KEY_MAX_CONTAINERS:
+            try:
+                data = msgspec.json.decode(text)
+            except Exception:  # not JSON as msgspec reads it: the strict parser decides
+                data = None
+            if type(data) is dict and _unique_keys(text, self._encode(data), ":", "\\u003"):
+                return partition_key(data, envelope.app_id, envelope.event_id)
+        return envelope.key()
+
+
 class _Unsupported(Exception):
     """A schema construct the lean path does not model: that EventType takes the pydantic path."""
 
@@ -71,7 +154,7 @@ class RecordDecoder:
     """
 
     def __init__(self, schemas: SchemaSet) -> None:
-        self._envelope = msgspec.json.Decoder(LeanEnvelope)
+        self._envelopes = EnvelopeDecoder()
         self._encode = msgspec.json.Encoder().encode
         self._structs: dict[str, type[msgspec.Struct]] = {}
         self._data: dict[str, msgspec.json.Decoder] = {}
@@ -97,14 +180,7 @@ class RecordDecoder:
 
         Everything ``parse_envelope`` checks is checked here, before the dedupe window is
         asked: a body it refuses is a dead letter even when its EventId was seen."""
-        try:
-            envelope = self._envelope.decode(body)
-            event_time_ms = parse_event_time(envelope.EventTime)
-        except Exception:  # any doubt at all: the pydantic path decides, and says why
-            return None
-        if not _unique_keys(body, self._encode(envelope), b":", b"\\u003"):
-            return None
-        return envelope, event_time_ms
+        return self._envelopes.lean(body)
 
     def record(
         self, envelope: Any, event_time_ms: int, source: Source

@@ -48,6 +48,7 @@ from consumer.envelope import (
 from consumer.errors import CallbackError, SignatureError
 from consumer.events import Source, models
 from consumer.examples import load_examples
+from consumer.records import EnvelopeDecoder
 from consumer.router import DeadLetter, Duplicate, Routed, Transform
 from consumer.router.transform import record_size
 from consumer.settings import load_settings
@@ -415,3 +416,78 @@ def test_the_lean_path_and_the_pydantic_path_agree_on_every_input(value, seen):
     outcome = TRANSFORM.apply(message, lambda _partition, _event_id: seen)
     event(type(outcome).__name__)
     assert outcome == REFERENCE.apply(message, lambda _partition, _event_id: seen)
+
+
+ENVELOPES = EnvelopeDecoder()
+
+
+def strict_parse(body: bytes) -> tuple[Envelope, str] | tuple[str, str | None]:
+    """What the shim got from the strict parser alone: the envelope and its key, or the
+    refusal's message and field."""
+    try:
+        envelope = parse_envelope(body)
+    except CallbackError as exc:
+        return str(exc), exc.field
+    return envelope, envelope.key()
+
+
+def shim_parse(body: bytes) -> tuple[Envelope, str] | tuple[str, str | None]:
+    try:
+        return ENVELOPES.parse(body)
+    except CallbackError as exc:
+        return str(exc), exc.field
+
+
+@FUZZ
+@given(value=bodies.map(lambda body: body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")))
+@REPORT.counted
+def test_the_shims_envelope_decoder_agrees_with_the_strict_parser_on_every_input(value):
+    # The shim parses with EnvelopeDecoder (msgspec where certain): the same envelope, the
+    # same key, the same refusal, for anything a sender can send.
+    outcome = shim_parse(value)
+    event("accepted" if isinstance(outcome[0], Envelope) else "refused")
+    assert outcome == strict_parse(value)
+
+
+def _body(event_data: str, **fields: str) -> bytes:
+    envelope = {
+        "EventType": "UserJoinRoom", "EventData": event_data, "EventTime": "2021-01-27T16:40:12+08:00",
+        "EventId": "e-1", "AppId": "app-1", "Version": "2020-12-01", "Nonce": "n", "Signature": "s",
+        **fields,
+    }
+    return json.dumps(envelope).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _body('{"RoomId": "r-1", "UserId": "u"}'),
+        _body('{"RoomId": "r-1", "RoomId": "r-2"}'),  # a duplicate key: strict refuses EventData
+        _body('{"UserId": "u", "Room\\u003aId": "x", "TaskId": "t"}'),  # an escaped colon
+        _body('{"RoomId": 12345678901234567890123, "TaskId": "t"}'),
+        _body('{"RoomId": 1e20}'),
+        _body('{"RoomId": 1e400}'),  # out of a double's range: strict refuses EventData
+        _body('{"RoomId": true}'),
+        _body('{"RoomId": {"a": 1}, "PublicStreamId": [1], "TaskId": ""}'),
+        _body('{"RoomId": "\\ud800"}'),  # a lone surrogate
+        _body('{"RoomId": NaN}'),
+        _body("[1, 2]"),
+        _body("{broken"),
+        _body("\ufeff{}"),
+        _body('{"RoomId": "r", "Deep": ' + "[" * 150 + "]" * 150 + "}"),
+        _body('{"RoomId": "r", "Deep": ' + "[" * 5000 + "]" * 5000 + "}"),
+        _body('{"RoomId": "r"}', Extra="kept"),
+        _body('{"RoomId": "r"}', Nonce=""),
+        _body('{"RoomId": "r"}', EventTime="2021-01-27T16:40:12"),
+        _body('{"RoomId": "r"}', EventId=""),
+        _body('{"RoomId": "r"}').replace(b'"EventId": "e-1"', b'"EventId": "e-1", "EventId": "e-2"'),
+        _body('{"RoomId": "r"}').replace(b'"Nonce": "n"', b'"Nonce": "\\ud800"'),
+        json.dumps({"EventType": "UserJoinRoom", "EventData": {"RoomId": "r"}, "EventTime": "2021-01-27T16:40:12+08:00",
+                    "EventId": "e", "AppId": "a", "Version": "v"}).encode(),
+        b'{"EventType": "A", "EventData": "{}", "EventTime": "2021-01-27T16:40:12+08:00", "EventId": "e", '
+        b'"AppId": "a", "Version": "\xff"}',
+    ],
+    ids=lambda body: body[:60].decode("utf-8", "replace"),
+)
+def test_the_shims_envelope_decoder_agrees_with_the_strict_parser_on_awkward_bodies(body):
+    assert shim_parse(body) == strict_parse(body)
