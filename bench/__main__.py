@@ -22,7 +22,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import client_path, codec, dedupe, floor, latency, report, router, shim_bridge, shim_spool
+from bench import (
+    client_path, codec, dedupe, floor, latency, report, router, shim_bridge, shim_spool, shim_steps,
+)
 from bench.broker import bench_kafka
 from bench.workload import raw_records, weights
 
@@ -37,6 +39,7 @@ PROFILES = {
         "router_shim_fill": {"events": 200, "rounds": 1},
         "shim": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5,
                  "arms": ("bare", "bridge")},
+        "shim_steps": {"requests": 200, "rounds": 1},
         "shim_spool": {"seconds": 1, "rounds": 1, "connections": (8,), "warmup_s": 0.5,
                        "drain_records": 0},
         "latency": {"rate": 200, "seconds": 2, "intervals": (100,), "repeats": 1},
@@ -51,7 +54,8 @@ PROFILES = {
         "intervals_drain": (20, 500),
         "router_shim_fill": {"events": 10000, "rounds": 2},
         "shim": {"seconds": 3, "rounds": 2, "connections": (64, 256), "warmup_s": 1,
-                 "arms": ("bare", "no-kafka", "bridge", "workers-2")},
+                 "arms": ("bare", "bare-asgi", "no-kafka", "bridge", "workers-2")},
+        "shim_steps": {"requests": 2000, "rounds": 3},
         "shim_spool": {"seconds": 5, "rounds": 1, "connections": (64,), "warmup_s": 1,
                        "drain_records": 20000},
         # repeats: runs at the default 100 ms interval; the p99 target must hold in every one.
@@ -68,7 +72,8 @@ PROFILES = {
         "intervals_drain": (20, 500, 1000),
         "router_shim_fill": {"events": 30000, "rounds": 3},
         "shim": {"seconds": 10, "rounds": 3, "connections": (64, 256), "warmup_s": 2,
-                 "arms": ("bare", "no-kafka", "bridge", "per-report", "workers-2")},
+                 "arms": ("bare", "bare-asgi", "no-kafka", "bridge", "per-report", "workers-2")},
+        "shim_steps": {"requests": 5000, "rounds": 5},
         "shim_spool": {"seconds": 10, "rounds": 2, "connections": (64, 256), "warmup_s": 2,
                        "drain_records": 50000},
         "latency": {"rate": 2000, "seconds": 60, "intervals": (20, 100, 500, 1000), "repeats": 5},
@@ -120,6 +125,8 @@ def run_all(mode: str, bootstrap: str, kafka_version: str | None) -> dict:
         bootstrap, sizes["router_shim_fill"]["events"], sizes["router_shim_fill"]["rounds"],
         [a for a in router.ARMS if a.name in ("rtcbus-eos", "passthrough")], fill_via="shim"))
     section("shim", lambda: shim_bridge.run(bootstrap, **sizes["shim"]))
+    # The same request's CPU in one process, step by step: what the shim arms above are made of.
+    section("shim_steps", lambda: shim_steps.run(**sizes["shim_steps"]))
     section("shim_spool", lambda: shim_spool.run(bootstrap, **sizes["shim_spool"]))
 
     def latency_section() -> dict:

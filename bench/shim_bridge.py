@@ -9,6 +9,9 @@ access log):
 
 - ``bare``: the same framework and server with a ``POST /callbacks`` route that reads the
   body and answers 200 with nothing else: what Starlette and uvicorn cost alone;
+- ``bare-asgi``: the same server with a plain ASGI app that reads the body and answers 200,
+  no Starlette: the shim sends ``POST /callbacks`` past Starlette's router (``ShimApp``), so
+  this is the floor of the server the shim runs on;
 - ``no-kafka``: the real shim (body limit, envelope parse, signature check, metrics) whose
   bridge answers at once, without Kafka;
 - ``bridge``: the real shim: produce with acks=all, idempotent, 200 after the delivery
@@ -50,7 +53,7 @@ from bench.broker import bench_kafka
 from bench.workload import SECRET
 
 TOPIC_PREFIX = "bench"
-ARMS = ("bare", "no-kafka", "bridge", "per-report")
+ARMS = ("bare", "bare-asgi", "no-kafka", "bridge", "per-report")
 # Distinct signed bodies oha draws from; signed just before each run (the skew window is 5 min).
 BODIES = 5000
 
@@ -71,7 +74,8 @@ def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX)
     from consumer.ingest import Ingest
     from consumer.settings import load_settings
     from consumer.shim import (
-        DeliveryBridge, Shim, ShimMetrics, _settle, create_app, shim_producer_config, shim_server,
+        DeliveryBridge, Shim, ShimApp, ShimMetrics, _settle, create_app, shim_producer_config,
+        shim_server,
     )
 
     settings = load_settings(
@@ -114,7 +118,17 @@ def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX)
     async def healthy(request: Request) -> Response:
         return Response()
 
-    if arm == "bare":
+    async def bare_asgi(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan to run
+        while (await receive()).get("more_body", False):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    if arm == "bare-asgi":
+        app = bare_asgi
+    elif arm == "bare":
         app = Starlette(routes=[
             Route("/callbacks", read_and_answer, methods=["POST"]),
             Route("/healthz", healthy, methods=["GET"]),
@@ -133,7 +147,8 @@ def serve(arm: str, port: int, bootstrap: str, topic_prefix: str = TOPIC_PREFIX)
             metrics=ShimMetrics(CollectorRegistry()),
             verifier=SignatureVerifier.from_settings(settings),
         )
-        app = Starlette(
+        app = ShimApp(
+            shim,
             routes=[
                 Route("/callbacks", shim.receive_callback, methods=["POST"]),
                 Route("/healthz", shim.healthz, methods=["GET"]),
@@ -325,7 +340,7 @@ def run(bootstrap: str, seconds: float, rounds: int, connections: Sequence[int],
             }
             for arm, results in by_arm.items()
         }
-        for baseline in ("bare", "no-kafka"):
+        for baseline in ("bare", "bare-asgi", "no-kafka"):
             if baseline in rows:
                 for row in rows.values():
                     row[f"vs_{baseline.replace('-', '_')}"] = row["rps"] / rows[baseline]["rps"]

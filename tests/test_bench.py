@@ -36,8 +36,10 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     assert results["mode"] == "smoke"
     assert results["machine"]["versions"]["librdkafka"]
     assert len(results["workload"]["weights_pct"]) == 38
-    for section in ("codec", "floor", "client_path", "router", "shim", "shim_spool", "latency", "dedupe"):
+    for section in ("codec", "floor", "client_path", "router", "shim", "shim_steps", "shim_spool", "latency", "dedupe"):
         assert "error" not in results[section], results[section].get("traceback")
+    steps = results["shim_steps"]["cpu_us_per_request"]
+    assert len(steps) == 12 and all(us > 0 for us in steps.values())
     assert all(row["events_per_s"] > 0 for row in results["codec"]["rows"].values())
     assert len(results["floor"]["cpu_us_per_event"]) == 8
     assert all(us > 0 for us in results["floor"]["cpu_us_per_event"].values())
