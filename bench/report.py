@@ -155,10 +155,8 @@ def tables(results: dict) -> str:
         lines += [f"Shim: {shim['status']}.", ""]
     steps = results.get("shim_steps", {})
     if "cpu_us_per_request" in steps:
-        lines += ["| shim request, one process, no sockets, no Kafka | CPU µs/request |", "|---|---:|"]
-        for step, us in steps["cpu_us_per_request"].items():
-            lines.append(f"| {step} | {us:.1f} |")
-        lines.append("")
+        lines += _cpu_table("shim request, one process, no sockets, no Kafka", "CPU µs/request",
+                            steps["cpu_us_per_request"])
     latency = results.get("latency", {})
     if "runs" in latency:
         lines += ["| commit interval | rate asked / achieved | received | p50 ms | p99 ms | max ms | router EOS drain events/s |",
@@ -196,10 +194,7 @@ def tables(results: dict) -> str:
         lines.append("")
     floor = results.get("floor", {})
     if "cpu_us_per_event" in floor:
-        lines += ["| per-event step, one core, no broker | CPU µs/event |", "|---|---:|"]
-        for step, us in floor["cpu_us_per_event"].items():
-            lines.append(f"| {step} | {us:.1f} |")
-        lines.append("")
+        lines += _cpu_table("per-event step, one core, no broker", "CPU µs/event", floor["cpu_us_per_event"])
     if "pipelines" in floor:
         from bench.floor import pipelines_table
 
@@ -227,6 +222,11 @@ def tables(results: dict) -> str:
             value = "" if t["value"] is None else f"{t['value']:.2f}"
             lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} |")
     return "\n".join(lines)
+
+
+def _cpu_table(what: str, unit: str, figures: dict[str, float]) -> list[str]:
+    """A two-column table of CPU figures by step, and the blank line after it."""
+    return [f"| {what} | {unit} |", "|---|---:|", *(f"| {step} | {us:.1f} |" for step, us in figures.items()), ""]
 
 
 def _ms(value: float | None) -> str:
