@@ -201,7 +201,7 @@ def run_workers(settings: Settings, workers: int) -> int:
 
 
 def _serve_worker(settings: Settings, sock: socket.socket) -> None:
-    from consumer.shim import admin_server, create_app, serve, shim_server
+    from consumer.shim import admin_server, create_app, run_served, shim_server
 
     # A spawned process starts with logging unconfigured; the same as the CLI's.
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -216,4 +216,4 @@ def _serve_worker(settings: Settings, sock: socket.socket) -> None:
     # has shut down for it ends nothing, so a worker stopped gracefully exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
-    asyncio.run(serve(public, admin_server(settings, app), sockets=[sock]))
+    run_served(public, admin_server(settings, app), sockets=[sock])
