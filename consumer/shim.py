@@ -822,9 +822,10 @@ class BodyDeadlines:
         try:
             return await _read_body(receive, limit)
         except asyncio.CancelledError:
-            if task not in self._expired:
-                raise  # cancelled by someone else: the server stopping
-            task.uncancel()
+            # Ours alone becomes the 408; any other (the server stopping) goes on, as
+            # asyncio.timeout decides it.
+            if task not in self._expired or task.uncancel() > 0:
+                raise
             raise BodyTooSlow from None
         finally:
             del self._reads[task]

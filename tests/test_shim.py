@@ -35,7 +35,7 @@ from consumer.kafka.admin import TopicSpec, create_topics
 from consumer.kafka.config import consumer_config, producer_config
 from consumer.kafka.launcher import LocalKafka
 from consumer.settings import Settings, load_settings
-from consumer.shim import Shim, admin_server, create_app, serve, shim_server
+from consumer.shim import BodyDeadlines, BodyTooSlow, Shim, admin_server, create_app, serve, shim_server
 from consumer.spool import Spool, SpoolRecord
 from kafka_helpers import free_ports
 from support import wait_for
@@ -913,3 +913,53 @@ def test_graceful_shutdown_keeps_the_spool_and_the_next_start_forwards_it(own_ka
             wait_for(lambda: shim_metric(shim, "rtcbus_shim_spool_depth") == 0, 60, "the kept spool to drain")
             values = [record.value() for record in records_before_sentinels(settings, settings.raw_topic)]
     assert [v for v in values if v in bodies] == bodies
+
+
+# -- body deadlines -------------------------------------------------------------------------------
+
+
+def _body_read(deadlines, messages: list[dict]):
+    """A read by ``deadlines`` of a request whose receive() gives ``messages``, then waits."""
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # a body that never comes
+
+    return deadlines.read({"headers": []}, receive, 1024)
+
+
+def test_a_body_read_gives_the_body_and_leaves_nothing_behind():
+    deadlines = BodyDeadlines(0.2)
+
+    async def main() -> bytes:
+        return await _body_read(deadlines, [
+            {"type": "http.request", "body": b"ab", "more_body": True},
+            {"type": "http.request", "body": b"c", "more_body": False},
+        ])
+
+    assert asyncio.run(main()) == b"abc"
+    assert not deadlines._reads and not deadlines._expired
+
+
+def test_a_body_read_past_its_deadline_is_too_slow_and_another_cancellation_is_not():
+    deadlines = BodyDeadlines(0.2)
+
+    async def slow() -> float:
+        started = time.monotonic()
+        with pytest.raises(BodyTooSlow):
+            await _body_read(deadlines, [{"type": "http.request", "body": b"a", "more_body": True}])
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(slow())
+    assert 0.2 <= elapsed < 2.0  # late by a tick (25 ms) and whatever a loaded machine adds
+
+    async def stopped() -> None:
+        read = asyncio.ensure_future(_body_read(deadlines, []))
+        await asyncio.sleep(0.05)
+        read.cancel()  # the server stopping, not the deadline
+        with pytest.raises(asyncio.CancelledError):
+            await read
+
+    asyncio.run(stopped())
+    assert not deadlines._reads and not deadlines._expired
