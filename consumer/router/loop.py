@@ -356,6 +356,16 @@ class Router:
         numbers = sorted(tp.partition for tp in partitions)
         self._restore(numbers)
         self._owned.update(numbers)
+        # Assigned at the offsets _restore read (with retries), not left to librdkafka to look
+        # up again: its own OffsetFetch, answered NOT_COORDINATOR as a whole while the group
+        # coordinator moves, leaves the partitions unfetched for good, with no retry
+        # (confluentinc/librdkafka#5586; seen in the fault suite as a router assigned six
+        # partitions that never routed a record). The dedupe window was restored from these
+        # same offsets, so where the fetch starts and what the window holds agree. No
+        # committed offset: the beginning, as the consumer's auto.offset.reset=earliest.
+        consumer.incremental_assign(
+            [TopicPartition(self._raw_topic, p, self._committed.get(p, OFFSET_BEGINNING)) for p in numbers]
+        )
         log.info("assigned partitions %s", numbers)
 
     def _restore(self, partitions: list[int]) -> None:
