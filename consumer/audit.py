@@ -43,6 +43,7 @@ from consumer.envelope import (
     parse_event_time,
 )
 from consumer.errors import EncodingError, RtcbusError, ValidationError
+from consumer.router.output import is_transient, retrying
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +394,8 @@ _BATCH = 1000
 # A registry that cannot be reached (SchemaRegistryError) is infrastructure, not caught.
 _UNDECODABLE = (EncodingError, ValueError, TypeError, KeyError, IndexError, EOFError, KafkaException)
 _METADATA_TIMEOUT_S = 10.0
+# How long lookups that a leader or coordinator moving fails are retried before the audit gives up.
+_RETRY_S = 60.0
 
 
 def read_pipeline(
@@ -474,8 +477,12 @@ def read_pipeline(
                     # transaction markers: below the high watermark only while one is open.
                     at_end.add(tp)
                     read_to[tp] = max(read_to[tp], message.offset())
-                else:
+                elif error.fatal() or not is_transient(error):
                     raise KafkaException(error)
+                else:
+                    # A leader moving (a topic just created, a broker restarted): librdkafka
+                    # fetches again by itself, and a read that stops moving is a stall below.
+                    log.warning("audit: %s", error.str())
             if messages:
                 last_news = time.monotonic()
                 report_progress()
@@ -511,12 +518,16 @@ def read_committed_offsets(settings: Any, group_id: str, partitions: Sequence[tu
     Asks the group coordinator without joining the group, so a running router is not disturbed.
     """
     consumer = _consumer(settings, group_id)
-    try:
+
+    def read() -> dict[int, int]:
         committed = consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=_METADATA_TIMEOUT_S)
         for tp in committed:
             if tp.error is not None:
                 raise KafkaException(tp.error)
         return {tp.partition: tp.offset for tp in committed}
+
+    try:
+        return retrying(read, _never, _RETRY_S)  # a coordinator moving or still loading
     finally:
         consumer.close()
 
@@ -545,12 +556,20 @@ def _list_offsets(admin: AdminClient, partitions: Sequence[tuple[str, int]], spe
     transactions included; a read_committed consumer's ``get_watermark_offsets`` would
     answer the last stable offset, and an open transaction would go unnoticed.
     """
-    futures = admin.list_offsets(
-        {TopicPartition(t, p): spec for t, p in partitions},
-        isolation_level=IsolationLevel.READ_UNCOMMITTED,
-        request_timeout=_METADATA_TIMEOUT_S,
-    )
-    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+
+    def read() -> dict[tuple[str, int], int]:
+        futures = admin.list_offsets(
+            {TopicPartition(t, p): spec for t, p in partitions},
+            isolation_level=IsolationLevel.READ_UNCOMMITTED,
+            request_timeout=_METADATA_TIMEOUT_S,
+        )
+        return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+
+    return retrying(read, _never, _RETRY_S)  # a leader moving: a topic just created, a broker lost
+
+
+def _never() -> bool:
+    return False
 
 
 class _Collector:
