@@ -787,9 +787,9 @@ class BodyDeadlines:
     """Reads request bodies, ending with :class:`BodyTooSlow` a read still waiting
     ``timeout_s`` after it began (late by at most an eighth of it).
 
-    Written by hand because ``asyncio.timeout`` arms and cancels a timer per request, about
-    8 µs of the shim's 70 (``bench.shim_steps``), while nearly every callback's body arrives
-    with its head and the read never waits. Here a read costs a dict entry, and one timer,
+    Written by hand because ``asyncio.timeout`` arms and cancels a timer (and looks up the
+    current task twice) on every request, while nearly every callback's body arrives with
+    its head and the read never waits. Here a read costs a dict entry, and one timer,
     running only while reads are open, cancels the tasks past their deadline.
     """
 
