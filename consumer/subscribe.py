@@ -31,7 +31,16 @@ from typing import Any
 
 import httpx
 import pydantic
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from pydantic import BaseModel
 
 from consumer.codec import Codec, codec_from_settings
@@ -39,6 +48,7 @@ from consumer.envelope import HEADER_EVENT_ID, HEADER_EVENT_TYPE
 from consumer.errors import BadRecord, ConfigError, EncodingError, InfrastructureError
 from consumer.events import EventModels, models
 from consumer.kafka.config import consumer_config
+from consumer.router.output import ATTEMPT_S, retrying
 from consumer.routing import UNKNOWN_DOMAIN, RoutingTable
 from consumer.schemas import UNKNOWN_EVENT, SchemaSet, contract
 
@@ -46,6 +56,12 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
 _CLOSE_COMMIT_TIMEOUT_S = 30.0
+# Where a partition with no committed offset starts, by auto.offset.reset's spellings; any
+# other ("error") is left to librdkafka.
+_RESET_OFFSETS = {
+    **dict.fromkeys(("earliest", "smallest", "beginning"), OFFSET_BEGINNING),
+    **dict.fromkeys(("latest", "largest", "end"), OFFSET_END),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +188,7 @@ class Subscriber:
         self._last_commit = time.monotonic()
         self._current: Delivery | None = None
         self._closed = False
+        self._start_offset = _RESET_OFFSETS.get(auto_offset_reset, OFFSET_INVALID)
         self._consumer = Consumer(
             {
                 **consumer_config(settings, group_id, auto_offset_reset=auto_offset_reset),
@@ -341,6 +358,23 @@ class Subscriber:
             log.warning("subscriber: commit failed, will retry with the next: %s", error.str())
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Assigned at the committed offsets read here, with the router's retries, not left to
+        # librdkafka to look up: its own OffsetFetch, answered NOT_COORDINATOR as a whole
+        # while the group coordinator moves, leaves the partitions unfetched for good
+        # (confluentinc/librdkafka#5586; see Router._on_assign). A lookup still failing
+        # after the retries raises out of the poll: a subscriber that reads nothing must not
+        # look healthy.
+        def committed() -> list[TopicPartition]:
+            found = consumer.committed(partitions, timeout=ATTEMPT_S)
+            for tp in found:
+                if tp.error is not None:
+                    raise KafkaException(tp.error)
+            return found
+
+        found = retrying(committed, self._stop.is_set)
+        consumer.incremental_assign(
+            [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else self._start_offset) for tp in found]
+        )
         self._owned.update((tp.topic, tp.partition) for tp in partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

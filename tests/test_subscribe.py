@@ -204,6 +204,30 @@ def test_a_handler_exception_stops_without_committing_and_the_group_gets_it_agai
     assert room.committed(group) == 3
 
 
+def test_a_new_group_starts_where_auto_offset_reset_says(kafka):
+    """The subscriber assigns each partition itself, at its committed offset or, for a group
+    with none, where auto_offset_reset says: earliest reads what is there; latest only
+    what comes after the assignment."""
+    room = RoomTopic(kafka)
+    before = room.send("UserJoinRoom", "r1", "early")
+
+    with Subscriber(room.settings, f"sub-{uuid.uuid4().hex}", domains=["room"]) as subscriber:
+        assert [d.event_id for d in take(subscriber, 1)] == [before]
+
+    sent, taken = [], []
+    with Subscriber(
+        room.settings, f"sub-{uuid.uuid4().hex}", domains=["room"], auto_offset_reset="latest"
+    ) as subscriber:
+        reader = threading.Thread(target=lambda: taken.extend(take(subscriber, 1)))
+        reader.start()
+        # Records sent before the assignment are skipped too: send until one arrives.
+        wait_for(lambda: taken or sent.append(room.send("UserJoinRoom", "r1", "late")), 30, "a record sent after the assignment")
+        reader.join(30)
+    assert len(taken) == 1
+    assert taken[0].event_id in sent
+    assert taken[0].event_id != before
+
+
 def test_a_bad_record_raises_with_its_coordinates_or_goes_to_on_bad_record(kafka):
     room = RoomTopic(kafka)
     first = room.send("UserJoinRoom", "r1", "ann")

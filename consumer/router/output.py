@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 DEFAULT_TRANSACTION_TIMEOUT_S = 30.0  # transaction.timeout.ms, unless the user's settings say
 ATTEMPT_S = 5.0  # one attempt of a transactional call: short enough to notice a stop
 _GRACE_S = 5.0  # how long past its own timeout a librdkafka call may take before it is stuck
+# The first back-off of a retried request, unless the user's settings say (librdkafka: 100).
+# A transaction begun right after a commit meets the coordinator still writing the last
+# one's markers: AddPartitionsToTxn and AddOffsetsToTxn are refused CONCURRENT_TRANSACTIONS
+# and retried after this back-off, so at librdkafka's 100 ms a commit point often took
+# 100 ms more than its work (confluentinc/confluent-kafka-python#967; the Java client retries
+# those after 20 ms, KAFKA-5477). Later retries still back off exponentially, up to
+# retry.backoff.max.ms, so a coordinator in trouble is not hammered.
+TRANSACTIONAL_RETRY_BACKOFF_MS = 10
 
 Marker = tuple[int, bytes, int]  # (raw partition, changelog value, timestamp ms)
 
@@ -106,6 +114,7 @@ class TransactionalOutput:
     ) -> None:
         self._config = {
             "transaction.timeout.ms": str(int(DEFAULT_TRANSACTION_TIMEOUT_S * 1000)),
+            "retry.backoff.ms": str(TRANSACTIONAL_RETRY_BACKOFF_MS),
             **producer_config(settings, transactional_id=transactional_id),
         }
         self.timeout_s = int(self._config["transaction.timeout.ms"]) / 1000
