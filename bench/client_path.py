@@ -16,6 +16,12 @@ over the workload filled into a fresh raw topic.
   transaction of 1,000, divided by its records; and its wall time, which the router's loop
   spends waiting (the commit is synchronous), CPU or not.
 
+Beside them, ``back_to_back``: transactions of 100 records begun the moment the last one
+committed, as a drain's loop does, through ``TransactionalOutput`` with the router's
+``retry.backoff.ms`` (10) and with librdkafka's (100), alternately; the wall time of each
+commit point. The coordinator refuses a transaction begun while it still writes the last
+one's markers (``CONCURRENT_TRANSACTIONS``), and the back-off is how long the retry waits.
+
 Two clocks per step. *Caller thread* (``time.thread_time``) is the work that holds the GIL
 on the router's one thread, which is what bounds a single process's events/s. *Process*
 (``time.process_time``) adds librdkafka's own threads, which run beside it on another core;
@@ -26,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 import uuid
 from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from pydantic import SecretStr
 
 from bench.router import PARTITIONS, fill
 from bench.workload import RawRecord, raw_records
@@ -86,6 +94,7 @@ def run(bootstrap: str, events: int = 30000, records: Sequence[RawRecord] | None
                                    ("produce without headers", False)):
             _produce_all(settings, consumer, routed, offsets, with_headers, clocks[step],
                          clocks["transaction, per record"] if with_headers else _Clocks())
+        back_to_back = _back_to_back(settings, consumer, routed, offsets)
     finally:
         consumer.close()
     per = {"consume": len(messages), "transaction, per record": len(routed)}
@@ -98,7 +107,42 @@ def run(bootstrap: str, events: int = 30000, records: Sequence[RawRecord] | None
             step: c.process_s / per.get(step, len(routed)) * 1e6 for step, c in clocks.items()},
         # The router's loop waits for each commit: wall time per record, CPU or not.
         "transaction_wall_us_per_event": clocks["transaction, per record"].wall_s / len(routed) * 1e6,
+        "back_to_back": back_to_back,
     }
+
+
+BACK_TO_BACK = {"router's retry.backoff.ms=10": None, "librdkafka's retry.backoff.ms=100": "100"}
+
+
+def _back_to_back(settings, consumer: Consumer, routed: Sequence[Routed], offsets: list[TopicPartition],
+                  rounds: int = 3, transactions: int = 10, size: int = 100) -> dict:
+    """Commit-point wall ms (begin, ``size`` records, markers, offsets, commit) of transactions
+    begun back to back, per back-off, interleaved round by round: median and slowest."""
+    walls: dict[str, list[float]] = {arm: [] for arm in BACK_TO_BACK}
+    chunk = routed[:size]
+    for _ in range(rounds):
+        for arm, backoff in BACK_TO_BACK.items():
+            config = {"retry.backoff.ms": SecretStr(backoff)} if backoff else {}
+            arm_settings = settings.model_copy(update={"kafka_config": {**settings.kafka_config, **config}})
+            output = TransactionalOutput(
+                arm_settings, f"{settings.group_id}-b2b-{uuid.uuid4().hex[:6]}",
+                dedupe_topic=settings.dedupe_topic, replace_when_fenced=False, stopping=lambda: False,
+            )
+            output.start()
+            try:
+                for _ in range(transactions):
+                    began = time.monotonic()
+                    output.begin()
+                    for r in chunk:
+                        output.produce(r.topic, r.value, key=r.key, headers=r.headers)
+                    markers = {0: [(r.event_id, 1_700_000_000_000) for r in chunk]}
+                    if output.commit(offsets, consumer, marker_records(markers)).value != "committed":
+                        raise RuntimeError("a back-to-back bench transaction did not commit")
+                    walls[arm].append((time.monotonic() - began) * 1000)
+            finally:
+                output.close()
+    return {arm: {"transactions": len(ms), "median_ms": statistics.median(ms), "max_ms": max(ms)}
+            for arm, ms in walls.items()}
 
 
 def _consume_all(consumer: Consumer, count: int, clocks: _Clocks) -> list[Message]:
@@ -157,6 +201,11 @@ def table(results: dict) -> str:
                      f"| {results['process_us_per_event'][step]:.1f} |")
     lines.append(f"\nThe loop waits for each commit: {results['transaction_wall_us_per_event']:.1f} µs "
                  f"of wall time per record (transactions of {TRANSACTION}).")
+    if "back_to_back" in results:
+        lines += ["", "| transactions of 100 begun back to back | commit point, median ms | slowest ms | transactions |",
+                  "|---|---:|---:|---:|"]
+        for arm, figures in results["back_to_back"].items():
+            lines.append(f"| {arm} | {figures['median_ms']:.1f} | {figures['max_ms']:.1f} | {figures['transactions']} |")
     return "\n".join(lines)
 
 
