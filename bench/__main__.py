@@ -33,7 +33,7 @@ PROFILES = {
     "smoke": {
         "codec": {"seconds": 0.2, "rounds": 1, "events": 200},
         "floor": {"events": 200, "rounds": 1},
-        "client_path": {"events": 2000},
+        "client_path": {"events": 2000, "back_to_back_rounds": 1},
         "router": {"events": 300, "rounds": 1, "arms": ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook")},
         "intervals_drain": (),
         "router_shim_fill": {"events": 200, "rounds": 1},

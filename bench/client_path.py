@@ -71,8 +71,10 @@ class _Clocks:
         self.wall_s += time.monotonic() - self._wall
 
 
-def run(bootstrap: str, events: int = 30000, records: Sequence[RawRecord] | None = None) -> dict:
-    """µs per event of each step (both clocks), over ``events`` raw records."""
+def run(bootstrap: str, events: int = 30000, records: Sequence[RawRecord] | None = None,
+        back_to_back_rounds: int = 3) -> dict:
+    """µs per event of each step (both clocks), over ``events`` raw records; then
+    ``back_to_back_rounds`` rounds of transactions begun back to back."""
     name = uuid.uuid4().hex[:8]
     settings = load_settings(
         bootstrap_servers=bootstrap, topic_prefix=f"client{name}", partitions=PARTITIONS,
@@ -94,7 +96,7 @@ def run(bootstrap: str, events: int = 30000, records: Sequence[RawRecord] | None
                                    ("produce without headers", False)):
             _produce_all(settings, consumer, routed, offsets, with_headers, clocks[step],
                          clocks["transaction, per record"] if with_headers else _Clocks())
-        back_to_back = _back_to_back(settings, consumer, routed, offsets)
+        back_to_back = _back_to_back(settings, consumer, routed, offsets, rounds=back_to_back_rounds)
     finally:
         consumer.close()
     per = {"consume": len(messages), "transaction, per record": len(routed)}
