@@ -146,6 +146,8 @@ def drain(arm: Arm, settings: Settings, events: int, timeout_s: float) -> dict:
                    "commit_interval_ms", "commit_max_records", "metrics_port", "exactly_once",
                    "router_processes")
     }
+    if settings.kafka_config:  # secret values: model_dump would mask them
+        overrides["kafka_config"] = settings.kafka_client_config()
     process = subprocess.Popen(
         [python, "-m", "bench.contender", arm.contender, json.dumps(overrides)]
     )
