@@ -19,7 +19,6 @@ from consumer.settings import Settings, load_settings
 # name → module whose ``run(settings, stop)`` is the contender's loop
 CONTENDERS = {
     "rtcbus": "bench.contender",
-    "rtcbus-serial": "bench.contender_serial",
     "members": "bench.members",
     "passthrough": "bench.passthrough",
     "textbook": "bench.textbook",

@@ -55,7 +55,6 @@ class Arm:
 ARMS = (
     Arm("rtcbus-eos", "rtcbus", {"exactly_once": True}),
     Arm("rtcbus-alo", "rtcbus", {"exactly_once": False}),
-    Arm("rtcbus-eos-serial", "rtcbus-serial", {"exactly_once": True}),
     Arm("rtcbus-eos-backoff100", "rtcbus", {"exactly_once": True, "kafka_config": {"retry.backoff.ms": "100"}}),
     # rtcbus router --processes 2: scaling from one process to two on this machine's cores.
     Arm("rtcbus-eos-2p", "members", {"exactly_once": True, "router_processes": 2}),

@@ -190,16 +190,14 @@ def test_a_fence_with_a_fixed_id_still_stops_the_router(kafka, tmp_path):
     assert event_ids(stack, "room") == []
 
 
-@pytest.mark.parametrize("commit_max_records", [1000, 10])
-def test_a_commit_whose_answer_is_lost_is_not_redone_twice(kafka, tmp_path, commit_max_records):
+def test_a_commit_whose_answer_is_lost_is_not_redone_twice(kafka, tmp_path):
     """The commit reaches the coordinator and commits; its answer never comes back (every
     later call of that producer times out). The router must find out from Kafka what was
-    committed before redoing anything. With commits of 10 records, the next batch was
-    transformed while that commit waited: its outcomes must not survive the resync."""
+    committed before redoing anything."""
     stack = Stack(kafka.bootstrap_servers, tmp_path, partitions=2)
     settings = kafka.settings(
         topic_prefix=stack.prefix, group_id=stack.group, partitions=2, metrics_port=0,
-        kafka_config={"transaction.timeout.ms": "8000"}, commit_max_records=commit_max_records,
+        kafka_config={"transaction.timeout.ms": "8000"},
     )
     sent = [f"lost-{n}" for n in range(40)]
     produce_raw(
@@ -261,60 +259,10 @@ def _arrived(stack: Stack) -> dict[str, list[str]]:
     return rooms
 
 
-def test_the_next_batch_is_transformed_while_the_commit_waits_and_produced_only_after_it(kafka, tmp_path):
-    """The overlap of a commit point: the records fetched after a transaction's are
-    transformed while its commit_transaction waits on the broker, and none of them is
-    produced before that commit has answered. Resends within and across batches are
-    dropped all the same."""
-    stack = Stack(kafka.bootstrap_servers, tmp_path, partitions=2)
-    # Batches large enough that their pure step outlasts the start of a commit's calls.
-    settings = kafka.settings(
-        topic_prefix=stack.prefix, group_id=stack.group, partitions=2, metrics_port=0, commit_max_records=300,
-    )
-    records, expected = _with_repeats("ahead", 1500)
-    produce_raw(stack, records)
-    committing = threading.Event()  # from the offsets sent to the commit's answer
-    produced_while_committing: list[str] = []
-
-    class NotesItsCommits(Producer):
-        def send_offsets_to_transaction(self, *args):
-            committing.set()
-            super().send_offsets_to_transaction(*args)
-
-        def commit_transaction(self, *args):
-            try:
-                super().commit_transaction(*args)
-            finally:
-                committing.clear()
-
-        def produce(self, topic, *args, **kwargs):
-            if committing.is_set():
-                produced_while_committing.append(topic)
-            super().produce(topic, *args, **kwargs)
-
-    router = Router(settings, producer_factory=NotesItsCommits)
-    applied_while_committing = []
-    apply = router.transform.apply
-
-    def noting_apply(message, seen):
-        applied_while_committing.append(committing.is_set())
-        return apply(message, seen)
-
-    router.transform.apply = noting_apply
-    with running(router) as errors:
-        stack.wait_caught_up()
-    assert errors == []
-    assert any(applied_while_committing), "no record was transformed while a commit waited"
-    assert produced_while_committing == []
-    assert _arrived(stack) == expected
-    resends = len(records) - sum(len(ids) for ids in expected.values())
-    assert router.registry.get_sample_value("rtcbus_router_duplicates_dropped_total") == resends
-
-
-def test_a_commit_that_aborts_drops_what_was_transformed_ahead_and_redoes_it(kafka, tmp_path):
-    """The second commit fails with an error that requires an abort, after the batch that
-    follows it was transformed. Those outcomes are dropped, not produced into the next
-    transaction on top of a rewind: every EventId arrives once, in order per room."""
+def test_a_commit_that_must_abort_is_redone_once_in_order(kafka, tmp_path):
+    """The second of many commits fails with an error that requires an abort: the records of
+    that transaction are redone from the offsets last committed, resends within and across
+    transactions still dropped. Every EventId arrives once, in order per room."""
     stack = Stack(kafka.bootstrap_servers, tmp_path, partitions=2)
     settings = kafka.settings(
         topic_prefix=stack.prefix, group_id=stack.group, partitions=2, metrics_port=0, commit_max_records=10,
@@ -334,6 +282,36 @@ def test_a_commit_that_aborts_drops_what_was_transformed_ahead_and_redoes_it(kaf
     with running(router) as errors:
         stack.wait_caught_up()
     assert errors == []
+    assert router.registry.get_sample_value("rtcbus_router_transactions_aborted_total") == 1
+    assert router.registry.get_sample_value("rtcbus_router_producer_replacements_total") == 0
+    assert _arrived(stack) == expected
+
+
+def test_a_record_the_producer_refuses_aborts_the_transaction_not_the_router(kafka, tmp_path):
+    """What a rebalance once caused in the bench: the transaction entered an abortable error,
+    and the next produce() was refused with _STATE ("Erroneous state"), an error with no
+    abort flag. The router took it for a fatal one and exited. It must abort the
+    transaction and redo it: every EventId once, in order per room, no producer replaced."""
+    stack = Stack(kafka.bootstrap_servers, tmp_path, partitions=2)
+    settings = kafka.settings(
+        topic_prefix=stack.prefix, group_id=stack.group, partitions=2, metrics_port=0, commit_max_records=10,
+    )
+    records, expected = _with_repeats("refused", 60)
+    produce_raw(stack, records)
+    refused = threading.Event()
+
+    class RefusesOneMarker(Producer):
+        def produce(self, topic, *args, **kwargs):
+            if topic == settings.dedupe_topic and not refused.is_set():
+                refused.set()
+                raise KafkaException(KafkaError(KafkaError._STATE, "Unable to produce message: Local: Erroneous state"))
+            super().produce(topic, *args, **kwargs)
+
+    router = Router(settings, producer_factory=RefusesOneMarker)
+    with running(router) as errors:
+        stack.wait_caught_up()
+    assert errors == []
+    assert refused.is_set()
     assert router.registry.get_sample_value("rtcbus_router_transactions_aborted_total") == 1
     assert router.registry.get_sample_value("rtcbus_router_producer_replacements_total") == 0
     assert _arrived(stack) == expected

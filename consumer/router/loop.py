@@ -16,12 +16,6 @@ What a commit point can end in:
   and the dedupe markers are read back from Kafka (:meth:`Router._restore`) before any
   record is redone, so a transaction that did commit is not written twice.
 
-A commit point overlaps the next batch's pure step: the records already fetched are taken
-first, and while the commit waits on the brokers (a thread of its own; librdkafka holds no
-GIL while it waits) the loop runs the transform on them. Nothing of theirs is produced, and
-nothing of theirs enters the dedupe window, until the commit has answered: a commit that did
-not commit drops their outcomes, and the rewind redoes them.
-
 Offsets sent to the transaction are the ones this loop has *processed*, never the
 consumer's position: a batch handed over by ``consume()`` may hold records fetched before
 a rebalance callback ran, and committing past them would lose them.
@@ -34,15 +28,13 @@ generation, which the offsets carry into the transaction (KIP-447), not by the i
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import (
@@ -73,7 +65,7 @@ from consumer.router.output import (
     is_transient,
     retrying,
 )
-from consumer.router.transform import DeadLetter, Duplicate, Outcome, Routed, Transform
+from consumer.router.transform import DeadLetter, Duplicate, Routed, Transform
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +156,6 @@ class Router:
         self._rewound = 0  # bumped whenever partitions are rewound, so a batch is refetched
         self._failed = False
         self._warned_create_time = False
-        # Runs each commit point's calls, while the loop's thread transforms the next batch.
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtcbus-commit")
 
     def _stopping(self) -> bool:
         return self._stop.is_set()
@@ -201,27 +191,20 @@ class Router:
             while not stop.is_set():
                 self.health.beat()
                 rewound = self._rewound
-                ahead: list[Outcome | InfrastructureError | None] = []
+                messages = self._next_batch(batch_size, wait_s=min(interval_s, 0.1))
+                for message in messages:
+                    if self._rewound != rewound:
+                        break  # partitions were rewound: what is left predates the rewind
+                    self._handle(message)
+                self.metrics.flush()
+                if self._rewound != rewound:
+                    self._seek_to(self._processed)
+                    continue
                 if self._in_transaction and (
                     self._transaction_records >= settings.commit_max_records
                     or time.monotonic() - self._transaction_started >= interval_s
                 ):
-                    # A commit point: only what is fetched already (no wait that would
-                    # delay the commit), transformed while the commit waits on the brokers.
-                    messages = self._consumer.consume(batch_size, timeout=0)
-                    # A rebalance in consume() may have rewound (partitions lost) or
-                    # committed (partitions revoked) already.
-                    if self._rewound == rewound and self._in_transaction:
-                        ahead = self._commit(overlap=messages)
-                else:
-                    messages = self._next_batch(batch_size, wait_s=min(interval_s, 0.1))
-                for message, outcome in itertools.zip_longest(messages, ahead):
-                    if self._rewound != rewound:
-                        break  # partitions were rewound: what is left predates the rewind
-                    self._handle(message, outcome)
-                self.metrics.flush()
-                if self._rewound != rewound:
-                    self._seek_to(self._processed)
+                    self._commit()
             self.health.stopping()
             if self._in_transaction:
                 self._commit()
@@ -230,8 +213,7 @@ class Router:
             self._failed = True
             raise
         finally:
-            self._consumer.close()  # may call on_revoke, which may commit
-            self._committer.shutdown(wait=True)  # idle by now
+            self._consumer.close()
             self._log.close()
             self._output.close()
 
@@ -250,12 +232,8 @@ class Router:
             return []
         return [first, *self._consumer.consume(size - 1, timeout=0)]
 
-    def _handle(self, message: Message, ahead: Outcome | InfrastructureError | None = None) -> None:
-        """One raw record → a domain record, a DLQ record, or nothing if a duplicate.
-
-        Args:
-            ahead: the record's outcome if it was transformed during the last commit.
-        """
+    def _handle(self, message: Message) -> None:
+        """One raw record → a domain record, a DLQ record, or nothing if a duplicate."""
         error = message.error()
         if error is not None:
             if error.code() == KafkaError._PARTITION_EOF:
@@ -266,14 +244,15 @@ class Router:
             log.warning("consumer: %s", error.str())
             return
         partition, offset = message.partition(), message.offset()
-        if not self._routable(partition, offset):
-            return
+        if partition not in self._owned or offset < self._processed.get(partition, 0):
+            return  # fetched before this partition was revoked, or before a rewind
         if not self._in_transaction:
             self._begin()
 
-        outcome = ahead if ahead is not None else self._apply(message, self._window.seen)
-        if isinstance(outcome, InfrastructureError):
-            log.warning("cannot transform now, redoing after %.0f s: %s", _RETRY_BACKOFF_S, outcome)
+        try:
+            outcome = self.transform.apply(message, self._window.seen)
+        except InfrastructureError as exc:
+            log.warning("cannot transform now, redoing after %.0f s: %s", _RETRY_BACKOFF_S, exc)
             self._settle(self._output.abort())
             self._stop.wait(_RETRY_BACKOFF_S)
             return
@@ -292,47 +271,6 @@ class Router:
             self.metrics.count(self.metrics.duplicates)
         else:
             self._dead_letter(outcome)
-
-    def _routable(self, partition: int, offset: int) -> bool:
-        """False for a record fetched before its partition was revoked, or before a rewind."""
-        return partition in self._owned and offset >= self._processed.get(partition, 0)
-
-    def _apply(
-        self, message: Message, seen: Callable[[int, str], bool]
-    ) -> Outcome | InfrastructureError:
-        """The pure step; a service the encoding needs being away is the outcome too."""
-        try:
-            return self.transform.apply(message, seen)
-        except InfrastructureError as exc:
-            return exc
-
-    def _transform_ahead(self, messages: Sequence[Message]) -> list[Outcome | InfrastructureError | None]:
-        """The outcomes of the next batch, worked out while a commit waits on the brokers
-        (None: a record :meth:`_handle` skips, or transforms itself).
-
-        The dedupe window is only read: an EventId met earlier in the batch counts as seen
-        through a set of the batch's own, and enters the window when its record is produced.
-        Nothing here touches Kafka or any state the commit thread uses.
-        """
-        met: set[tuple[int, str]] = set()
-        window_seen = self._window.seen
-
-        def seen(partition: int, event_id: str) -> bool:
-            return (partition, event_id) in met or window_seen(partition, event_id)
-
-        outcomes: list[Outcome | InfrastructureError | None] = []
-        for message in messages:
-            partition = message.partition()
-            if message.error() is not None or not self._routable(partition, message.offset()):
-                outcomes.append(None)
-                continue
-            outcome = self._apply(message, seen)
-            outcomes.append(outcome)
-            if isinstance(outcome, InfrastructureError):
-                break  # the loop aborts and rewinds at this record: the rest is redone
-            if type(outcome) is Routed:
-                met.add((partition, outcome.event_id))
-        return outcomes
 
     def _dead_letter(self, letter: DeadLetter) -> None:
         try:
@@ -373,40 +311,23 @@ class Router:
         self._transaction_started = time.monotonic()
         self._transaction_records = 0
 
-    def _commit(self, overlap: Sequence[Message] = ()) -> list[Outcome | InfrastructureError | None]:
-        """Commit the open transaction with the processed offsets and the dedupe markers.
-
-        Args:
-            overlap: records fetched after the transaction's, transformed while it commits.
-
-        Returns:
-            their outcomes (see :meth:`_transform_ahead`) once the transaction committed;
-            none when it did not, so that the rewind redoes them from the start.
-        """
+    def _commit(self) -> None:
+        """Commit the open transaction with the processed offsets and the dedupe markers."""
         offsets = [
             TopicPartition(self._raw_topic, partition, offset)
             for partition, offset in self._processed.items()
             if partition in self._owned and offset >= 0
         ]
         markers, self._markers = self._markers, {}
-        ahead: list[Outcome | InfrastructureError | None] = []
-        if overlap:
-            commit = self._committer.submit(self._output.commit, offsets, self._consumer, marker_records(markers))
-            try:
-                ahead = self._transform_ahead(overlap)
-            finally:
-                result = commit.result()  # whatever happened here, the commit's end is awaited
-        else:
-            result = self._output.commit(offsets, self._consumer, marker_records(markers))
+        result = self._output.commit(offsets, self._consumer, marker_records(markers))
         if result is CommitResult.COMMITTED:
             self._in_transaction = False
             self._window.commit()
             self._committed.update({tp.partition: tp.offset for tp in offsets})
             self.metrics.commits.inc()
             self._record_lag()
-            return ahead
-        self._settle(result)
-        return []
+        else:
+            self._settle(result)
 
     def _settle(self, result: CommitResult) -> None:
         """After an abort, redo from the offsets last committed; after an outcome unknown,

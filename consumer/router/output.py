@@ -156,8 +156,14 @@ class TransactionalOutput:
             for partition, value, timestamp in markers:
                 self.produce(self._dedupe_topic, value, partition=partition, timestamp=timestamp)
             if self._broken is not None:
+                # The producer refused a record of this transaction, so it cannot commit. An
+                # abort settles it (redo), or fails as the producer's state says (replaced;
+                # raised for a fence of a fixed id). Seen during a rebalance: produce refused
+                # with _STATE ("Erroneous state") once the transaction had entered an abortable
+                # error; that error carries no abort flag, and was taken for a fatal one.
                 broken, self._broken = self._broken, None
-                raise broken
+                log.warning("a record of the transaction was refused, aborting it: %s", broken.args[0].str())
+                return self.abort()
             self._transactional(
                 lambda timeout: self._producer.send_offsets_to_transaction(
                     offsets, consumer.consumer_group_metadata(), timeout
