@@ -43,7 +43,7 @@ from consumer.envelope import (
     parse_event_time,
 )
 from consumer.errors import EncodingError, RtcbusError, ValidationError
-from consumer.router.output import is_transient, retrying
+from consumer.router.output import committed_offsets, is_transient, retrying
 
 log = logging.getLogger(__name__)
 
@@ -520,10 +520,7 @@ def read_committed_offsets(settings: Any, group_id: str, partitions: Sequence[tu
     consumer = _consumer(settings, group_id)
 
     def read() -> dict[int, int]:
-        committed = consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=_METADATA_TIMEOUT_S)
-        for tp in committed:
-            if tp.error is not None:
-                raise KafkaException(tp.error)
+        committed = committed_offsets(consumer, [TopicPartition(t, p) for t, p in partitions], _METADATA_TIMEOUT_S)
         return {tp.partition: tp.offset for tp in committed}
 
     try:

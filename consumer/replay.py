@@ -43,7 +43,7 @@ from consumer.envelope import HEADER_ERROR_MESSAGE
 from consumer.errors import ConfigError, InfrastructureError, RtcbusError
 from consumer.kafka.config import admin_config, consumer_config
 from consumer.router.dedupe import DedupeLog, DedupeWindow, marker_records
-from consumer.router.output import CommitResult, TransactionalOutput
+from consumer.router.output import CommitResult, TransactionalOutput, committed_offsets
 from consumer.router.transform import DeadLetter, Duplicate, Routed, Transform
 from consumer.topic_range import CALL_TIMEOUT_S, read_batch
 
@@ -288,13 +288,11 @@ class _Replay:
     def _resume(self, ranges: dict[int, tuple[int, int]]) -> dict[int, int]:
         """Per partition, where to go on: the replay group's committed offset within the
         range, else the range's start; the dedupe window restored from the target's changelog."""
-        committed = self._consumer.committed(
-            [TopicPartition(self._raw_topic, p) for p in ranges], timeout=CALL_TIMEOUT_S
+        committed = committed_offsets(
+            self._consumer, [TopicPartition(self._raw_topic, p) for p in ranges], CALL_TIMEOUT_S
         )
         positions = {}
         for tp in committed:
-            if tp.error is not None:
-                raise KafkaException(tp.error)
             start, end = ranges[tp.partition]
             positions[tp.partition] = min(max(tp.offset, start), end) if tp.offset >= 0 else start
             if start < positions[tp.partition] < end:

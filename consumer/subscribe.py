@@ -48,7 +48,7 @@ from consumer.envelope import HEADER_EVENT_ID, HEADER_EVENT_TYPE
 from consumer.errors import BadRecord, ConfigError, EncodingError, InfrastructureError
 from consumer.events import EventModels, models
 from consumer.kafka.config import consumer_config
-from consumer.router.output import ATTEMPT_S, retrying
+from consumer.router.output import ATTEMPT_S, committed_offsets, retrying
 from consumer.routing import UNKNOWN_DOMAIN, RoutingTable
 from consumer.schemas import UNKNOWN_EVENT, SchemaSet, contract
 
@@ -364,14 +364,7 @@ class Subscriber:
         # (confluentinc/librdkafka#5586; see Router._on_assign). A lookup still failing
         # after the retries raises out of the poll: a subscriber that reads nothing must not
         # look healthy.
-        def committed() -> list[TopicPartition]:
-            found = consumer.committed(partitions, timeout=ATTEMPT_S)
-            for tp in found:
-                if tp.error is not None:
-                    raise KafkaException(tp.error)
-            return found
-
-        found = retrying(committed, self._stop.is_set)
+        found = retrying(lambda: committed_offsets(consumer, partitions, ATTEMPT_S), self._stop.is_set)
         consumer.incremental_assign(
             [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else self._start_offset) for tp in found]
         )

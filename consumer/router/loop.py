@@ -62,6 +62,7 @@ from consumer.router.output import (
     CommitResult,
     Output,
     TransactionalOutput,
+    committed_offsets,
     is_transient,
     retrying,
 )
@@ -379,12 +380,9 @@ class Router:
         """
 
         def read() -> tuple[list[TopicPartition], dict[int, list[tuple[str, int]]]]:
-            committed = self._consumer.committed(
-                [TopicPartition(self._raw_topic, p) for p in partitions], timeout=ATTEMPT_S
+            committed = committed_offsets(
+                self._consumer, [TopicPartition(self._raw_topic, p) for p in partitions], ATTEMPT_S
             )
-            for tp in committed:
-                if tp.error is not None:
-                    raise KafkaException(tp.error)
             try:
                 windows = {
                     tp.partition: self._log.markers(tp.partition, tp.offset if tp.offset >= 0 else None)

@@ -381,6 +381,20 @@ def retrying(
             time.sleep(0.2)  # a back-off between attempts, not a wait for an outcome
 
 
+def committed_offsets(consumer: Consumer, partitions: list[TopicPartition], timeout_s: float) -> list[TopicPartition]:
+    """``consumer.committed(partitions)``, failing as a whole when any partition's lookup
+    failed, so that :func:`retrying` retries what a moving coordinator fails.
+
+    Raises:
+        KafkaException: the call's error, or the first partition's.
+    """
+    committed = consumer.committed(partitions, timeout=timeout_s)
+    for tp in committed:
+        if tp.error is not None:
+            raise KafkaException(tp.error)
+    return committed
+
+
 def _produce(producer: Producer, topic: str, value: bytes | None, **kwargs: Any) -> None:
     while True:
         try:
