@@ -346,9 +346,11 @@ def test_05_rolling_restart_of_all_brokers(case: Case):
     topics = [stack.raw_topic, *output_topics(stack), f"{stack.prefix}.router.dedupe"]
     for node_id in cluster.node_ids:
         cluster.graceful_stop(node_id)
+        case.record.phase("graceful stops")
         cluster.start()
+        case.record.phase("starts")
         cluster.wait_healthy(topics)  # back in every ISR before the next one goes
-    case.record.phase("fault")
+        case.record.phase("back in sync")
     case.record.recovered(time_to_progress(stack, routers, time.monotonic()))
     case.record.phase("recovery")
     assert workload.running, "the restarts must land mid-stream"
