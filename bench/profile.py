@@ -1,9 +1,10 @@
 """Where a router arm spends its time: py-spy on one drain, the top frames summed.
 
-Run: .venv/bin/python -m bench.profile [--arm rtcbus-eos] [--events 20000] [--cpu] [--bootstrap HOST:PORT]
+Run: .venv/bin/python -m bench.profile [--arm rtcbus-eos] [--events 20000] [--cpu] [--native] [--bootstrap HOST:PORT]
 
 Fills a fresh raw topic as ``bench.router`` does, then records the arm's process with py-spy
-(``pip install py-spy``; sampling at 200 Hz, idle time included unless ``--cpu``) while it drains, and prints
+(``pip install py-spy``; sampling at 200 Hz, idle time included unless ``--cpu``) from its first
+routed record until the group committed the last, and prints
 the functions by own time and by total time (own plus callees), threads summed. The raw folded stacks are
 written next to the results, for a flame graph.
 """
@@ -20,15 +21,20 @@ import sys
 import time
 from pathlib import Path
 
-from bench.router import ARMS, PARTITIONS, arm_settings, committed, fill, terminate
+from bench.router import (
+    ARMS, EXTRA_ARMS, PARTITIONS, arm_settings, by_thread, committed, fill, produced, terminate, thread_cpu,
+)
 from bench.workload import raw_records
 from consumer.kafka.admin import ensure_topics
+from consumer.routing import RoutingTable
 
 
-def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = True) -> dict:
-    """Folded stacks of ``arm_name`` draining ``events`` records, and their top frames."""
+def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = True,
+            native: bool = False) -> dict:
+    """Folded stacks of ``arm_name`` draining ``events`` records, and their top frames
+    (``native``: with the C frames under the Python ones, librdkafka's and the codecs')."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    arm = next(a for a in ARMS if a.name == arm_name)
+    arm = next(a for a in (*ARMS, *EXTRA_ARMS) if a.name == arm_name)
     settings = arm_settings(bootstrap, arm)
     ensure_topics(settings)
     fill(settings, raw_records(events))
@@ -41,27 +47,47 @@ def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = 
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.contender", arm.contender, json.dumps(overrides)]
     )
-    spy = subprocess.Popen([
-        py_spy, "record", "--rate", "200", "--format", "raw", "--output", str(out),
-        "--nonblocking", *(["--idle"] if idle else []), "--pid", str(process.pid),
-    ])
     from confluent_kafka import Consumer, TopicPartition
 
-    watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": settings.group_id})
+    watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": settings.group_id, "log_level": 0})
     raw = [TopicPartition(settings.raw_topic, p) for p in range(PARTITIONS)]
+    domains = RoutingTable.from_settings(settings).domains
+    outputs = [TopicPartition(domains[d], p) for d in ("stream", "room") for p in range(PARTITIONS)]
+    spy = None
     try:
         deadline = time.monotonic() + 300
-        while committed(watcher, raw) < events and time.monotonic() < deadline:
+        # As bench.router times a drain: from the first routed record, so that the imports,
+        # the group join and the first fetch are not in the samples.
+        while produced(watcher, outputs) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        events_before, threads_before = committed(watcher, raw), thread_cpu(process.pid)
+        spy = subprocess.Popen([
+            py_spy, "record", "--rate", "200", "--format", "raw", "--output", str(out),
+            # --native must pause the process for each sample; without it py-spy need not.
+            *(["--native"] if native else ["--nonblocking"]), *(["--idle"] if idle else []),
+            "--pid", str(process.pid),
+        ])
+        while (done := committed(watcher, raw)) < events and time.monotonic() < deadline:
             time.sleep(0.1)
+        threads_after = thread_cpu(process.pid)
     finally:
         watcher.close()
-        spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
-        spy.wait(timeout=30)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+            spy.wait(timeout=30)
         terminate(process)
-    return top_frames(out)
+    if spy is None or not out.exists():
+        raise RuntimeError(f"py-spy wrote no samples (exit {spy and spy.returncode})")
+    # py-spy samples the interpreter's threads only: their CPU per event turns its shares into
+    # µs per event. The totals count from the first commit seen, a few records late at most.
+    events_sampled = max(done - events_before, 1)
+    cpu_s = sum(seconds for _, seconds in threads_after.values()) - sum(
+        seconds for tid, (_, seconds) in threads_before.items() if tid in threads_after)
+    split = by_thread(threads_before, threads_after, cpu_s, events_sampled)
+    return {**top_frames(out), "events": events_sampled, "cpu_us_per_event_by_thread": split}
 
 
-def top_frames(folded: Path, count: int = 15) -> dict:
+def top_frames(folded: Path, count: int = 25) -> dict:
     """Frames by share of the samples: own (the frame on top) and total (anywhere on the stack)."""
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
@@ -87,17 +113,21 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/profile-rtcbus.txt")
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
     parser.add_argument("--cpu", action="store_true", help="on-CPU samples only (no idle time)")
+    parser.add_argument("--native", action="store_true", help="C frames too (librdkafka, the codecs)")
     args = parser.parse_args()
     from bench.broker import bench_kafka
 
     with bench_kafka(args.bootstrap) as kafka:
         result = profile(kafka.bootstrap_servers, args.arm, args.events, Path(args.out),
-                         idle=not args.cpu)
-    print(f"{result['samples']} samples")
+                         idle=not args.cpu, native=args.native)
+    split = result["cpu_us_per_event_by_thread"]
+    python_us = split["Python threads"]
+    print(f"{result['samples']} samples over {result['events']} events; CPU µs per event: "
+          + ", ".join(f"{kind} {us:.1f}" for kind, us in split.items()))
     for title in ("own_pct", "total_pct"):
-        print(f"\n{title}:")
+        print(f"\n{title} (of the Python threads' samples; µs/event = share × {python_us:.1f}):")
         for frame, pct in result[title]:
-            print(f"{pct:6.1f}%  {frame}")
+            print(f"{pct:6.1f}%  {pct / 100 * python_us:6.1f} µs  {frame}")
 
 
 if __name__ == "__main__":

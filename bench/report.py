@@ -98,10 +98,12 @@ def drain_split(results: dict) -> dict[str, float]:
         "produce with the three rtcbus.* headers": calls["produce with the router's headers"],
         "transaction calls (begin, markers, offsets, commit)": calls["transaction, per record"],
     }
+    threads = eos.get("cpu_us_per_event_by_thread", {})
     return {
         "drain, CPU per event, all threads": eos["cpu_us_per_event"],
         **parts,
         "left: the loop's own bookkeeping": eos["cpu_us_per_event"] - sum(parts.values()),
+        **{f"(of the drain) {kind}": us for kind, us in threads.items()},
         "(not CPU) drain, wall time per event": 1e6 / eos["events_per_s"],
         "(within produce) the headers' share, caller thread": caller["produce with the router's headers"]
         - caller["produce without headers"],
@@ -127,17 +129,19 @@ def tables(results: dict) -> str:
         if "arms" not in router:
             continue
         lines += [f"| router contender (raw filled by {fill}) | events/s (median) | vs passthrough | vs rtcbus EOS "
-                  "| CPU µs/event (median) | each round |",
-                  "|---|---:|---:|---:|---:|---|"]
+                  "| CPU µs/event (median) | of which Python / librdkafka threads | each round |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for name, arm in router["arms"].items():
             if arm["status"] != "ok":
-                lines.append(f"| {name} | {arm['status']} | | | | |")
+                lines.append(f"| {name} | {arm['status']} | | | | | |")
                 continue
             each = ", ".join(f"{r['events_per_s']:,.0f}" for r in arm["runs"])
             cpu = arm.get("cpu_us_per_event")
+            split = arm.get("cpu_us_per_event_by_thread", {})
+            threads = (f"{split['Python threads']:.0f} / {split['librdkafka threads']:.0f}" if split else "")
             lines.append(f"| {name} | {arm['events_per_s']:,.0f} | {arm.get('vs_passthrough', 0):.2f}x "
                          f"| {arm.get('vs_rtcbus_eos', 0):.2f}x | {'' if cpu is None else f'{cpu:.0f}'} "
-                         f"| {each} |")
+                         f"| {threads} | {each} |")
         lines.append("")
     shim = results.get("shim", {})
     if "connections" in shim:

@@ -62,6 +62,12 @@ ARMS = (
     Arm("textbook", "textbook"),
     Arm("quix", "quix"),
 )
+# Run only when named (--arms): librdkafka's linger.ms (default 5) for the router's producer.
+# Fewer wake-ups of its threads, but the commit then waits for what lingers.
+EXTRA_ARMS = (
+    Arm("rtcbus-eos-linger20", "rtcbus", {"exactly_once": True, "kafka_config": {"linger.ms": "20"}}),
+    Arm("rtcbus-eos-linger100", "rtcbus", {"exactly_once": True, "kafka_config": {"linger.ms": "100"}}),
+)
 
 
 def fill(settings: Settings, records: Sequence[RawRecord]) -> None:
@@ -156,17 +162,19 @@ def drain(arm: Arm, settings: Settings, events: int, timeout_s: float) -> dict:
     output_partitions = [TopicPartition(t, p) for t in outputs for p in range(PARTITIONS)]
     try:
         deadline = time.monotonic() + timeout_s
-        while _produced(watcher, output_partitions) == 0:
+        while produced(watcher, output_partitions) == 0:
             _check(process, deadline, arm)
             time.sleep(0.01)
-        started, cpu_started = time.monotonic(), cpu_seconds(process.pid)
+        started, cpu_started, threads_started = time.monotonic(), cpu_seconds(process.pid), thread_cpu(process.pid)
         while (done := committed(watcher, raw)) < events:
             _check(process, deadline, arm, done)
             time.sleep(0.02)
         seconds = time.monotonic() - started
         cpu = cpu_seconds(process.pid) - cpu_started
+        threads = thread_cpu(process.pid)
         return {"events": events, "seconds": seconds, "events_per_s": events / seconds,
-                "cpu_us_per_event": cpu / events * 1e6}
+                "cpu_us_per_event": cpu / events * 1e6,
+                "cpu_us_per_event_by_thread": by_thread(threads_started, threads, cpu, events)}
     finally:
         watcher.close()
         terminate(process)
@@ -233,7 +241,11 @@ def summarize(runs: dict[str, list[dict]], skipped: dict[str, str], **about) -> 
             arms[name] = {"status": "failed", "runs": results}
         else:
             arms[name] = {"status": "ok", "runs": results, "events_per_s": _median(results),
-                          "cpu_us_per_event": _median(results, "cpu_us_per_event")}
+                          "cpu_us_per_event": _median(results, "cpu_us_per_event"),
+                          "cpu_us_per_event_by_thread": {
+                              kind: statistics.median(r["cpu_us_per_event_by_thread"][kind] for r in results)
+                              for kind in results[0]["cpu_us_per_event_by_thread"]
+                          }}
     rate = {n: a["events_per_s"] for n, a in arms.items() if a["status"] == "ok"}
     ratios = {}
     for name in rate:
@@ -276,7 +288,39 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(cpu_seconds(child) for child in children)
 
 
-def _produced(consumer: Consumer, partitions: list[TopicPartition]) -> int:
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each live thread of a process and of its live descendants: its name and its CPU time
+    so far (user + system). librdkafka names its threads ``rdk:main``, ``rdk:broker-1``, ...;
+    every other thread of a contender is the interpreter's (the loop's, and any Python
+    thread's, which keep the process's name)."""
+    threads: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue  # the thread has just exited
+        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        for child in children:
+            threads.update(thread_cpu(int(child)))
+    return threads
+
+
+def by_thread(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+              cpu_s: float, events: int) -> dict[str, float]:
+    """A drain's CPU µs per event, split: librdkafka's own threads, the interpreter's threads,
+    and what threads that exited during the drain took (the process total less the others)."""
+    split = {"librdkafka threads": 0.0, "Python threads": 0.0}
+    for tid, (name, seconds) in after.items():
+        kind = "librdkafka threads" if name.startswith("rdk:") else "Python threads"
+        split[kind] += seconds - before.get(tid, (name, 0.0))[1]
+    split["threads that exited"] = max(cpu_s - sum(split.values()), 0.0)
+    return {kind: seconds / events * 1e6 for kind, seconds in split.items()}
+
+
+def produced(consumer: Consumer, partitions: list[TopicPartition]) -> int:
     """Records on the output partitions, committed or not (the high watermarks)."""
     total = 0
     for tp in partitions:
@@ -317,7 +361,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--arms", default=",".join(a.name for a in ARMS))
+    parser.add_argument("--arms", default=",".join(a.name for a in ARMS),
+                        help=f"default: all but {', '.join(a.name for a in EXTRA_ARMS)}")
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
     parser.add_argument("--fill", choices=sorted(FILLS), default="producer",
                         help="how raw is filled before each drain: a producer, or the real shim over HTTP")
@@ -325,9 +370,12 @@ def main() -> None:
     from bench.broker import bench_kafka
 
     wanted = args.arms.split(",")
+    unknown = set(wanted) - {a.name for a in (*ARMS, *EXTRA_ARMS)}
+    if unknown:
+        parser.error(f"no such arm: {', '.join(sorted(unknown))}")
     with bench_kafka(args.bootstrap) as kafka:
         result = run(kafka.bootstrap_servers, args.events, args.rounds,
-                     [a for a in ARMS if a.name in wanted], fill_via=args.fill)
+                     [a for a in (*ARMS, *EXTRA_ARMS) if a.name in wanted], fill_via=args.fill)
     print(json.dumps(result, indent=2))
 
 

@@ -53,6 +53,9 @@ def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path
     arms = results["router"]["arms"]
     for name in ("rtcbus-eos", "rtcbus-alo", "passthrough", "textbook"):
         assert arms[name]["status"] == "ok" and arms[name]["events_per_s"] > 0, arms[name]
+        split = arms[name]["cpu_us_per_event_by_thread"]
+        assert set(split) == {"librdkafka threads", "Python threads", "threads that exited"}, split
+        assert all(us >= 0 for us in split.values())
     assert arms["quix"]["status"] == "not run in smoke mode"
     if results["shim"]["status"] == "ok":  # oha installed (sh bench/tools.sh)
         for rows in results["shim"]["connections"].values():
