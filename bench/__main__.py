@@ -28,7 +28,8 @@ from bench import (
 from bench.broker import bench_kafka
 from bench.workload import raw_records, weights
 
-# Sizes per mode. Quick must finish in under 5 minutes on 2 shared cores, smoke in seconds.
+# Sizes per mode. Quick takes 8–9 minutes on 2 shared cores (the router's arms most of it),
+# smoke about a minute and a half.
 PROFILES = {
     "smoke": {
         "codec": {"seconds": 0.2, "rounds": 1, "events": 200},
