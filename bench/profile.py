@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from bench.router import (
-    ARMS, EXTRA_ARMS, PARTITIONS, arm_settings, by_thread, committed, fill, produced, terminate, thread_cpu,
+    ARMS, EXTRA_ARMS, PARTITIONS, arm_settings, by_thread, committed, cpu_seconds, fill, produced, terminate,
+    thread_cpu,
 )
 from bench.workload import raw_records
 from consumer.kafka.admin import ensure_topics
@@ -60,7 +61,8 @@ def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = 
         # the group join and the first fetch are not in the samples.
         while produced(watcher, outputs) == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        events_before, threads_before = committed(watcher, raw), thread_cpu(process.pid)
+        events_before, cpu_before, threads_before = (
+            committed(watcher, raw), cpu_seconds(process.pid), thread_cpu(process.pid))
         spy = subprocess.Popen([
             py_spy, "record", "--rate", "200", "--format", "raw", "--output", str(out),
             # --native must pause the process for each sample; without it py-spy need not.
@@ -69,7 +71,7 @@ def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = 
         ])
         while (done := committed(watcher, raw)) < events and time.monotonic() < deadline:
             time.sleep(0.1)
-        threads_after = thread_cpu(process.pid)
+        cpu_s, threads_after = cpu_seconds(process.pid) - cpu_before, thread_cpu(process.pid)
     finally:
         watcher.close()
         if spy is not None:
@@ -81,8 +83,6 @@ def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = 
     # py-spy samples the interpreter's threads only: their CPU per event turns its shares into
     # µs per event. The totals count from the first commit seen, a few records late at most.
     events_sampled = max(done - events_before, 1)
-    cpu_s = sum(seconds for _, seconds in threads_after.values()) - sum(
-        seconds for tid, (_, seconds) in threads_before.items() if tid in threads_after)
     split = by_thread(threads_before, threads_after, cpu_s, events_sampled)
     return {**top_frames(out), "events": events_sampled, "cpu_us_per_event_by_thread": split}
 

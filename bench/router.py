@@ -275,10 +275,9 @@ def cpu_seconds(pid: int) -> float:
     from /proc: steadier than events/s on a shared machine, since time the process waits for
     a core is not in it. Descendants: ``--processes`` runs its members as children."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        own = _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
     except OSError:
         return 0.0  # it has just exited
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     children = set()
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -294,18 +293,23 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     every other thread of a contender is the interpreter's (the loop's, and any Python
     thread's, which keep the process's name)."""
     threads: dict[int, tuple[str, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            seconds = _stat_cpu_seconds(task / "stat")
             children = (task / "children").read_text().split()
         except OSError:
             continue  # the thread has just exited
-        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        threads[int(task.name)] = (name, seconds)
         for child in children:
             threads.update(thread_cpu(int(child)))
     return threads
+
+
+def _stat_cpu_seconds(stat: Path) -> float:
+    """utime + stime of a process's or a thread's ``/proc/…/stat``, in seconds."""
+    fields = stat.read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def by_thread(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
