@@ -179,7 +179,7 @@ def _repeat(run: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help="the long version (about 40 minutes)")
+    mode.add_argument("--full", action="store_true", help="the long version (20 minutes on 2026-11-25, before later sections were added)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, no plots (CI)")
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
