@@ -1,6 +1,7 @@
 """Where a router arm spends its time: py-spy on one drain, the top frames summed.
 
-Run: .venv/bin/python -m bench.profile [--arm rtcbus-eos] [--events 20000] [--cpu] [--native] [--bootstrap HOST:PORT]
+Run: .venv/bin/python -m bench.profile [--arm rtcbus-eos] [--events 20000] [--cpu] [--native] [--frame NAME ...] [--bootstrap HOST:PORT]
+     .venv/bin/python -m bench.profile --folded bench/results/profile-rtcbus-native.txt [--frame NAME ...]
 
 Fills a fresh raw topic as ``bench.router`` does, then records the arm's process with py-spy
 (``pip install py-spy``; sampling at 200 Hz, idle time included unless ``--cpu``) from its first
@@ -19,19 +20,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.router import (
     ARMS, EXTRA_ARMS, PARTITIONS, arm_settings, by_thread, committed, cpu_seconds, fill, produced, terminate,
-    thread_cpu,
+    thread_cpu, watched_outputs,
 )
 from bench.workload import raw_records
 from consumer.kafka.admin import ensure_topics
-from consumer.routing import RoutingTable
 
 
 def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = True,
-            native: bool = False) -> dict:
+            native: bool = False, named: Sequence[str] = ()) -> dict:
     """Folded stacks of ``arm_name`` draining ``events`` records, and their top frames
     (``native``: with the C frames under the Python ones, librdkafka's and the codecs')."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -45,6 +46,7 @@ def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = 
         **arm.overrides,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
+    outputs = watched_outputs(arm, settings)
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.contender", arm.contender, json.dumps(overrides)]
     )
@@ -52,8 +54,6 @@ def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = 
 
     watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": settings.group_id, "log_level": 0})
     raw = [TopicPartition(settings.raw_topic, p) for p in range(PARTITIONS)]
-    domains = RoutingTable.from_settings(settings).domains
-    outputs = [TopicPartition(domains[d], p) for d in ("stream", "room") for p in range(PARTITIONS)]
     spy = None
     try:
         deadline = time.monotonic() + 300
@@ -84,26 +84,46 @@ def profile(bootstrap: str, arm_name: str, events: int, out: Path, idle: bool = 
     # µs per event. The totals count from the first commit seen, a few records late at most.
     events_sampled = max(done - events_before, 1)
     split = by_thread(threads_before, threads_after, cpu_s, events_sampled)
-    return {**top_frames(out), "events": events_sampled, "cpu_us_per_event_by_thread": split}
+    return {**top_frames(out, named=named), "events": events_sampled, "cpu_us_per_event_by_thread": split}
 
 
-def top_frames(folded: Path, count: int = 25) -> dict:
-    """Frames by share of the samples: own (the frame on top) and total (anywhere on the stack)."""
+def top_frames(folded: Path, count: int = 25, named: Sequence[str] = ()) -> dict:
+    """Frames by share of the samples: own (the frame on top) and total (anywhere on the
+    stack). For each of ``named`` (a function, ``write``, or with its file,
+    ``write (libc.so.6)``): its total share, and the share under each of its callers."""
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
+    callers: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in named}
     samples = 0
     for line in folded.read_text().splitlines():
         stack, _, number = line.rpartition(" ")
-        frames = stack.split(";")
         n = int(number)
         samples += n
-        functions = [frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0] + ")"
-                     for frame in frames]  # by function: the line numbers dropped
+        functions = [_function(frame) for frame in stack.split(";")]
         own[functions[-1]] += n
         for function in set(functions):
             total[function] += n
-    share = lambda counter: [(f, round(100 * n / samples, 1)) for f, n in counter.most_common(count)]
-    return {"samples": samples, "own_pct": share(own), "total_pct": share(total)}
+        for name, under in callers.items():
+            hits = {functions[i - 1] if i else "(top)" for i, f in enumerate(functions)
+                    if name in (f, f.partition(" (")[0])}
+            for caller in hits:
+                under[caller] += n
+            if hits:
+                under[""] += n  # the frame's own total, each sample once
+    pct = lambda n: round(100 * n / samples, 1)
+    share = lambda counter: [(f, pct(n)) for f, n in counter.most_common(count)]
+    return {
+        "samples": samples, "own_pct": share(own), "total_pct": share(total),
+        "named": {name: {"total_pct": pct(under.pop("")), "callers_pct": share(under)}
+                  for name, under in callers.items() if under},
+    }
+
+
+def _function(frame: str) -> str:
+    """``name (file)`` of a py-spy frame ``name (file:line)``, or ``name (library)`` of a
+    native one: by function, the line numbers dropped."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.removesuffix(')').partition(':')[0]})"
 
 
 def main() -> None:
@@ -114,20 +134,41 @@ def main() -> None:
     parser.add_argument("--bootstrap", help="an existing Kafka; default: start one for the run")
     parser.add_argument("--cpu", action="store_true", help="on-CPU samples only (no idle time)")
     parser.add_argument("--native", action="store_true", help="C frames too (librdkafka, the codecs)")
+    parser.add_argument("--frame", action="append", default=[],
+                        help="a function to show with its callers (repeatable): write, or 'write (libc.so.6)'")
+    parser.add_argument("--folded", help="read these folded stacks (a previous run's --out) instead of "
+                                         "running a drain: shares only, no µs")
     args = parser.parse_args()
-    from bench.broker import bench_kafka
+    if args.folded:
+        result = top_frames(Path(args.folded), named=args.frame)
+        python_us = None
+        print(f"{result['samples']} samples in {args.folded}")
+    else:
+        from bench.broker import bench_kafka
 
-    with bench_kafka(args.bootstrap) as kafka:
-        result = profile(kafka.bootstrap_servers, args.arm, args.events, Path(args.out),
-                         idle=not args.cpu, native=args.native)
-    split = result["cpu_us_per_event_by_thread"]
-    python_us = split["Python threads"]
-    print(f"{result['samples']} samples over {result['events']} events; CPU µs per event: "
-          + ", ".join(f"{kind} {us:.1f}" for kind, us in split.items()))
+        with bench_kafka(args.bootstrap) as kafka:
+            result = profile(kafka.bootstrap_servers, args.arm, args.events, Path(args.out),
+                             idle=not args.cpu, native=args.native, named=args.frame)
+        split = result["cpu_us_per_event_by_thread"]
+        python_us = split["Python threads"]
+        print(f"{result['samples']} samples over {result['events']} events; CPU µs per event: "
+              + ", ".join(f"{kind} {us:.1f}" for kind, us in split.items()))
+
+    def row(pct: float, frame: str) -> str:
+        us = "" if python_us is None else f"{pct / 100 * python_us:6.1f} µs  "
+        return f"{pct:6.1f}%  {us}{frame}"
+
+    scale = "" if python_us is None else f"; µs/event = share × {python_us:.1f}"
     for title in ("own_pct", "total_pct"):
-        print(f"\n{title} (of the Python threads' samples; µs/event = share × {python_us:.1f}):")
+        print(f"\n{title} (of the Python threads' samples{scale}):")
         for frame, pct in result[title]:
-            print(f"{pct:6.1f}%  {pct / 100 * python_us:6.1f} µs  {frame}")
+            print(row(pct, frame))
+    for name, found in result["named"].items():
+        print(f"\n{name}, all its samples, then by caller:\n{row(found['total_pct'], name)}")
+        for caller, pct in found["callers_pct"]:
+            print(row(pct, f"  under {caller}"))
+    for name in set(args.frame) - set(result["named"]):
+        print(f"\n{name}: in no sample")
 
 
 if __name__ == "__main__":

@@ -136,12 +136,7 @@ def arm_settings(bootstrap: str, arm: Arm, commit_interval_ms: int = 100) -> Set
 
 def drain(arm: Arm, settings: Settings, events: int, timeout_s: float) -> dict:
     """One drain of the raw topic by ``arm`` in its own process: events/s and seconds."""
-    if arm.contender == "passthrough":
-        outputs = [output_topic(settings)]
-        create_topics(settings, [TopicSpec(outputs[0], PARTITIONS, 1, {})])
-    else:
-        domains = RoutingTable.from_settings(settings).domains
-        outputs = [domains["stream"], domains["room"]]  # the first record lands in one of them
+    output_partitions = watched_outputs(arm, settings)
     python = sys.executable
     if arm.contender == "quix":
         python = str(quix_app.interpreter())
@@ -159,7 +154,6 @@ def drain(arm: Arm, settings: Settings, events: int, timeout_s: float) -> dict:
     watcher = Consumer({"bootstrap.servers": settings.bootstrap_servers,
                         "group.id": settings.group_id, "log_level": 0})
     raw = [TopicPartition(settings.raw_topic, p) for p in range(PARTITIONS)]
-    output_partitions = [TopicPartition(t, p) for t in outputs for p in range(PARTITIONS)]
     try:
         deadline = time.monotonic() + timeout_s
         while produced(watcher, output_partitions) == 0:
@@ -178,6 +172,18 @@ def drain(arm: Arm, settings: Settings, events: int, timeout_s: float) -> dict:
     finally:
         watcher.close()
         terminate(process)
+
+
+def watched_outputs(arm: Arm, settings: Settings) -> list[TopicPartition]:
+    """The output partitions whose first record starts a drain's clock (created here for
+    the passthrough, whose topic is its own)."""
+    if arm.contender == "passthrough":
+        outputs = [output_topic(settings)]
+        create_topics(settings, [TopicSpec(outputs[0], PARTITIONS, 1, {})])
+    else:
+        domains = RoutingTable.from_settings(settings).domains
+        outputs = [domains["stream"], domains["room"]]  # the first record lands in one of them
+    return [TopicPartition(t, p) for t in outputs for p in range(PARTITIONS)]
 
 
 def run(bootstrap: str, events: int, rounds: int, arms: Sequence[Arm] = ARMS,

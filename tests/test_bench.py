@@ -22,6 +22,18 @@ def test_codec_bench_runs_and_reports_every_contender():
     assert all(int(rate.replace(",", "")) > 0 for _, rate, _ in rows)
 
 
+def test_a_drains_cpu_is_split_by_thread_name_and_what_exited_is_the_rest():
+    from bench.router import by_thread
+
+    before = {1: ("python", 1.0), 2: ("rdk:main", 0.5), 3: ("rdk:broker-1", 0.25), 4: ("python", 2.0)}
+    # Thread 4 exited during the drain; thread 5 (a librdkafka thread) was born in it.
+    after = {1: ("python", 1.75), 2: ("rdk:main", 0.625), 3: ("rdk:broker-1", 0.5), 5: ("rdk:broker-2", 0.125)}
+
+    split = by_thread(before, after, cpu_s=1.5, events=1000)
+
+    assert split == {"Python threads": 750.0, "librdkafka threads": 500.0, "threads that exited": 250.0}
+
+
 @pytest.mark.kafka
 def test_bench_smoke_run_writes_a_result_file_with_every_section(kafka, tmp_path):
     result = subprocess.run(

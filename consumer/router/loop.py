@@ -63,7 +63,6 @@ from consumer.router.output import (
     Output,
     TransactionalOutput,
     committed_offsets,
-    is_transient,
     retrying,
 )
 from consumer.router.transform import DeadLetter, Duplicate, Routed, Transform
